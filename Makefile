@@ -1,0 +1,30 @@
+# medssl: the two commands of the README's quick start, each doing its own set-up.
+#   make demo   generate a synthetic cine CMR cohort and pre-train a small cine MAE, tracked in MLflow
+#   make test   run the test suite
+# The install steps below are mirrored by docker/Dockerfile and docker/Dockerfile.cuda
+# (tests/test_install.py keeps them in step).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_REQUIREMENT := torch==2.13.0
+RUN_DIR ?= runs/demo
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_REQUIREMENT)"
+	$(PY) -m pip install --quiet -e ".[all]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/medssl demo --run-dir $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
