@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_REQUIREMENT := torch==2.13.0
+# Where torch comes from: empty = pip's configured index (here a local CPU build); the Dockerfiles set it.
+TORCH_INDEX ?=
 RUN_DIR ?= runs/demo
 
 .PHONY: install demo test clean
@@ -16,7 +18,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_REQUIREMENT)"
+	$(PY) -m pip install --quiet "$(TORCH_REQUIREMENT)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[all]"
 	touch $@
 
