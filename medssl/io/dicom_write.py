@@ -310,7 +310,7 @@ def _base_dataset(
         "HeartRate": str(round(60_000.0 / nominal_interval_ms)),
         "CardiacNumberOfImages": frames,
         "NumberOfTemporalPositions": frames,
-        "TemporalResolution": nominal_interval_ms / frames,
+        "TemporalResolution": _decimal_string(nominal_interval_ms / frames),
         # VOI LUT
         "WindowCenter": window[0],
         "WindowWidth": window[1],

@@ -22,7 +22,8 @@ with warnings.catch_warnings():
     from nibabel.nicom.dicomwrappers import wrapper_from_data
 
 SAX_TIMES = [0.0, 200.0, 400.0, 600.0]
-LAX_TIMES = [0.0, 30.0, 60.0, 90.0]
+# Frame times of a real heart rate do not round nicely; every DS value must still fit in 16 characters.
+LAX_TIMES = [0.0, 1000 / 28.5, 2000 / 28.5, 3000 / 28.5]
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -146,7 +147,8 @@ def test_instance_order_and_cardiac_tags(study, view, sax_image, lax_image):
         assert dataset.NumberOfTemporalPositions == dataset.CardiacNumberOfImages == frames
         assert dataset.AcquisitionNumber == slice_index + 1
         # Evenly spread frames from 0 ms: the R-R interval is T times the frame step.
-        assert float(dataset.NominalInterval) == pytest.approx(frames * (times[1] - times[0]))
+        assert int(dataset.NominalInterval) == round(frames * (times[1] - times[0]))  # IS: whole ms
+        assert float(dataset.TemporalResolution) == pytest.approx(times[1] - times[0], rel=1e-9)
         center, width = float(dataset.WindowCenter), float(dataset.WindowWidth)
         assert 0 < center - width / 2 < center + width / 2 <= 4095 + 1
 
