@@ -117,10 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir).resolve()
     print(f"medssl demo: synthetic cine CMR cohort -> cine MAE pre-training, in {run_dir}")
-    summary = run_bundle(
-        "cine_mae",
-        overrides={"run_dir": str(run_dir / "cine_mae"), "num_subjects": args.subjects, "epochs": args.epochs},
-    )
+    overrides = {"run_dir": str(run_dir / "cine_mae"), "num_subjects": args.subjects, "epochs": args.epochs}
+    summary = run_bundle("cine_mae", overrides=overrides)
     _print_run_summary(summary)
     return 0
 
@@ -181,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a synthetic cine CMR cohort and pre-train a small cine MAE on it, tracked in MLflow.",
     )
     demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
-    demo.add_argument("--subjects", type=_positive_int, default=24, help="cohort size (default 24)")
-    demo.add_argument("--epochs", type=_positive_int, default=10, help="pre-training epochs (default 10)")
+    demo.add_argument("--subjects", type=_positive_int, default=16, help="cohort size (default 16)")
+    demo.add_argument("--epochs", type=_positive_int, default=80, help="pre-training epochs (default 80)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

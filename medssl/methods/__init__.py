@@ -1,0 +1,11 @@
+"""Self-supervised methods: each an ``nn.Module`` whose ``forward(batch)`` returns a dict with at least ``"loss"``.
+
+``METHODS`` maps a recipe's method name to its class (a plain dict, solo-learn style).
+"""
+
+from medssl.methods.cine_mae import CineCycleMAE, CineMAE
+from medssl.methods.mae import ENCODER_PREFIX, MaskedAutoencoder, MultiViewMAE
+
+METHODS = {"mae": MaskedAutoencoder, "cine_mae": CineMAE, "cine_cycle_mae": CineCycleMAE}
+
+__all__ = ["CineCycleMAE", "CineMAE", "ENCODER_PREFIX", "METHODS", "MaskedAutoencoder", "MultiViewMAE"]

@@ -1,0 +1,143 @@
+"""Locate and run medssl's MONAI bundles in-process (the Python API and ``medssl pretrain`` share the configs).
+
+Bundles live in ``bundles/<recipe>`` at the repository root, next to the ``medssl`` package; the
+``MEDSSL_BUNDLES`` environment variable points elsewhere. Bundle configs can execute code (``$`` expressions,
+``_target_``): only run bundles you trust.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.reference_resolver import ReferenceResolver
+from monai.bundle.utils import ID_SEP_KEY
+
+import medssl
+from medssl.errors import ConfigError, MedsslError
+
+__all__ = ["BUNDLES_ENV", "bundles_root", "bundle_dir", "validate_overrides", "run_bundle"]
+
+BUNDLES_ENV = "MEDSSL_BUNDLES"
+_DEFAULT_CONFIG = "configs/train.json"
+
+
+def bundles_root() -> Path:
+    """The folder holding the bundles: ``$MEDSSL_BUNDLES``, else ``bundles/`` beside the ``medssl`` package."""
+    configured = os.environ.get(BUNDLES_ENV)
+    return Path(configured) if configured else Path(medssl.__file__).resolve().parent.parent / "bundles"
+
+
+def bundle_dir(recipe: str) -> Path:
+    """The folder of bundle ``recipe`` (``<bundles_root()>/<recipe>`` holding ``configs/``).
+
+    Raises:
+        ConfigError: when there is no such bundle; names the close matches and the available recipes.
+    """
+    root = bundles_root()
+    path = root / recipe
+    if (path / "configs").is_dir():
+        return path
+    available = sorted(p.name for p in root.iterdir() if (p / "configs").is_dir()) if root.is_dir() else []
+    close = difflib.get_close_matches(recipe, available, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"no bundle '{recipe}' in {root} (set {BUNDLES_ENV} to another folder).{hint} "
+        f"Available: {', '.join(available) or 'none'}."
+    )
+
+
+def validate_overrides(parser: ConfigParser, overrides: Mapping[str, Any], recipe: str) -> None:
+    """Check that every override names an existing config id (``key`` or nested ``key#sub``).
+
+    Args:
+        parser: the bundle's parsed configs.
+        overrides: config id -> value.
+        recipe: bundle name for the message.
+
+    Raises:
+        ConfigError: for an unknown id, with a "did you mean" suggestion among the keys at that level.
+    """
+    for key in overrides:
+        if key in parser:
+            continue
+        parts = ReferenceResolver.split_id(key)
+        parent = ID_SEP_KEY.join(parts[:-1])
+        siblings = parser[parent] if parent in parser else None  # parser[""] is the whole config
+        known = sorted(k for k in siblings if not str(k).startswith("_")) if isinstance(siblings, Mapping) else []
+        close = difflib.get_close_matches(parts[-1], known, n=1)
+        # Shown with "#", the separator of MONAI's command-line examples (--net#input_chns).
+        hint = f" Did you mean '{'#'.join([*parts[:-1], close[0]])}'?" if close else ""
+        scope = f"under '{'#'.join(parts[:-1])}'" if parent else "at the top level"
+        raise ConfigError(
+            f"unknown config key '{key}' for bundle '{recipe}'.{hint} Keys {scope}: {', '.join(known) or 'none'}."
+        )
+
+
+def _user_error(error: BaseException) -> MedsslError | None:
+    """The first MedsslError in an exception's cause chain (MONAI wraps errors raised inside config expressions)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, MedsslError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def run_bundle(
+    recipe: str, config_files: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run a bundle's training workflow in this process (``initialize``, ``run``, ``finalize``).
+
+    Equivalent to ``python -m monai.bundle run --config_file <configs> --<key> <value> ...`` but with the overrides
+    validated first and user errors (bad data, bad checkpoints) re-raised as the medssl error they are.
+
+    Args:
+        recipe: bundle name, e.g. ``"cine_mae"``.
+        config_files: config files relative to the bundle folder (merged in order); default
+            ``["configs/train.json"]``.
+        overrides: config id -> value, e.g. ``{"dataset_dir": "/data/cine", "epochs": 5, "run_dir": "runs/x"}``.
+
+    Returns:
+        the run's summary (``<run_dir>/summary.json``): ``run_dir``, ``tracking_uri``, ``experiment_name``,
+        ``run_id``, ``epochs``, ``iterations``, ``final_loss``, ``epoch_loss``, ``figure``, ``artifacts``.
+
+    Raises:
+        ConfigError: for an unknown bundle or override key, or a missing config file.
+        DataError, CheckpointError: from the run, unwrapped from MONAI's config-evaluation errors.
+    """
+    root = bundle_dir(recipe)
+    files = [root / name for name in (config_files or [_DEFAULT_CONFIG])]
+    absent = [str(path) for path in files if not path.is_file()]
+    if absent:
+        raise ConfigError(f"bundle '{recipe}' has no config file {', '.join(absent)}.")
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in files])
+    overrides = dict(overrides or {})
+    validate_overrides(parser, overrides, recipe)
+    if "bundle_root" in parser:
+        overrides.setdefault("bundle_root", str(root))
+
+    # metadata.json and logging.conf are read from the first config file's folder, as the MONAI CLI does.
+    workflow = ConfigWorkflow(config_file=[str(path) for path in files], workflow_type="train", **overrides)
+    try:
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except Exception as e:
+        user_error = _user_error(e)
+        if user_error is not None:
+            # Its own traceback still points into the config expression that raised it.
+            raise user_error from None
+        raise
+    run_dir = Path(workflow.parser.get_parsed_content("run_dir"))
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ConfigError(f"bundle '{recipe}' finished without writing {summary_path}; does it track the run?")
+    return json.loads(summary_path.read_text())

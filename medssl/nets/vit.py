@@ -1,0 +1,522 @@
+"""Vision Transformer blocks and an encoder that runs on whatever tokens it is given (e.g. only the visible ones).
+
+ViT: Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words", https://arxiv.org/abs/2010.11929. Pre-norm blocks
+with stochastic depth (drop path; Huang et al., 2016, https://arxiv.org/abs/1603.09382) as used by MAE (He et al.,
+2022, https://arxiv.org/abs/2111.06377).
+
+MONAI's ``TransformerBlock`` has no drop path and reaches scaled-dot-product attention only through an einops
+rearrange; these blocks keep the same parameter layout (fused ``qkv`` ordered ``(3, heads, head_dim)``) with a
+zero-copy path into ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import DropPath
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from medssl.masking.base import MaskOutput
+from medssl.nets.patch_embed import ViewSpec, build_patch_embed
+from medssl.nets.pos_embed import sincos_pos_embed
+from medssl.nets.tokens import gather_tokens, patchify
+
+__all__ = [
+    "OneDNNLinear",
+    "SelfAttention",
+    "MLP",
+    "TransformerBlock",
+    "ViTEncoder",
+    "MultiViewEncoder",
+    "ViewPositions",
+    "parse_views",
+    "new_view_embeddings",
+    "check_mask",
+    "init_transformer_weights",
+]
+
+
+def _check_width(dim: int, num_heads: int) -> None:
+    if dim <= 0 or num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"width {dim} must be a positive multiple of num_heads {num_heads}.")
+
+
+def _check_tokens(tokens: Tensor, dim: int) -> None:
+    if tokens.ndim != 3 or tokens.shape[-1] != dim:
+        raise ValueError(f"tokens must be [B, N, {dim}], got shape {tuple(tokens.shape)}.")
+
+
+def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN; ``x`` ``[..., K]``, ``weight`` ``[N, K]`` (either may be a strided view)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """``F.linear`` with the forward product and both backward products computed by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        return _onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        flat = grad.view(-1, grad.shape[-1])
+        grad_x = _onednn_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = _onednn_matmul(flat.t(), x.view(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        grad_bias = flat.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose float32 CPU products (forward and backward) run through oneDNN instead of the BLAS.
+
+    PyTorch sends float32 CPU matrix products to MKL, which runs its AVX2 code on non-Intel x86 CPUs; oneDNN picks
+    AVX-512 wherever the CPU has it (2x the MKL rate for a 2048^2 product on the AMD EPYC this was tuned on). The
+    operator is the one behind ``torch.compile``'s CPU linear fusions. Anything else (other devices or dtypes,
+    autocast, which already uses oneDNN for bf16, tracing by ``torch.compile``) takes plain ``F.linear``; set
+    ``OneDNNLinear.enabled = False`` to always do so. Parameters, initialisation and state dict are nn.Linear's.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        bias: learn an additive bias.
+    """
+
+    enabled: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x ``[..., in_features]``. Returns: ``[..., out_features]``."""
+        if (
+            self.enabled
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection and PyTorch's fused attention kernels.
+
+    Args:
+        dim: token width ``D``.
+        num_heads: number of heads; ``D`` must be a multiple of it.
+        qkv_bias: bias on the ``qkv`` projection (True in ViT/MAE/CineMA).
+        attn_drop: dropout on the attention weights, training only.
+        proj_drop: dropout after the output projection, training only.
+
+    Raises:
+        ValueError: when ``dim`` is not a positive multiple of ``num_heads``.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        _check_width(dim, num_heads)
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.qkv = OneDNNLinear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = OneDNNLinear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over all tokens.
+
+        Args:
+            x: ``[B, N, D]``.
+
+        Returns:
+            ``[B, N, D]``.
+        """
+        batch, length, dim = x.shape
+        # Strided q/k/v views straight from the fused projection: the fused kernels accept them without a copy, and
+        # their output is laid out [B, N, H, Dh] in memory, so the transpose-reshape below is free as well.
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class MLP(nn.Module):
+    """Transformer feed-forward: ``fc1`` -> GELU -> ``fc2``, with dropout after each (training only).
+
+    Args:
+        dim: token width.
+        hidden_dim: inner width (``mlp_ratio * dim``; ratio 4 in ViT).
+        drop: dropout rate.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = OneDNNLinear(dim, hidden_dim)
+        self.fc2 = OneDNNLinear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x ``[..., dim]``. Returns: ``[..., dim]``."""
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + drop_path(attn(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``.
+
+    Args:
+        dim: token width ``D``.
+        num_heads: attention heads.
+        mlp_ratio: MLP inner width over ``D`` (4 in ViT).
+        qkv_bias: bias on the ``qkv`` projection.
+        drop: dropout in attention output and MLP.
+        attn_drop: dropout on attention weights.
+        drop_path: probability of dropping the residual branch per sample (stochastic depth).
+
+    Raises:
+        ValueError: when ``dim`` is not a positive multiple of ``num_heads``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x ``[B, N, D]``. Returns: ``[B, N, D]``."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViTEncoder(nn.Module):
+    """A stack of :class:`TransformerBlock` and a final LayerNorm, applied to the tokens it is given.
+
+    It has no patch embedding or positions of its own: callers embed, position and (for MAE) drop tokens first, so
+    only the visible tokens are ever computed on.
+
+    Args:
+        embed_dim: token width (ViT-S 384, ViT-B 768).
+        depth: number of blocks (12 for ViT-S/B).
+        num_heads: attention heads (ViT-S 6, ViT-B 12).
+        mlp_ratio: MLP inner width over ``embed_dim``.
+        qkv_bias: bias on the ``qkv`` projections.
+        drop_path_rate: stochastic depth of the last block; block ``i`` uses ``drop_path_rate * i / (depth - 1)``.
+        grad_checkpointing: recompute each block in the backward pass instead of storing its activations.
+
+    Raises:
+        ValueError: when ``depth`` < 1, ``embed_dim`` is not a multiple of ``num_heads`` or ``drop_path_rate`` is
+            outside ``[0, 1)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        depth: int = 4,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+        _check_width(embed_dim, num_heads)
+        self.embed_dim = embed_dim
+        self.grad_checkpointing = grad_checkpointing
+        rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.apply(init_transformer_weights)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Encode tokens.
+
+        Args:
+            tokens: ``[B, N, D]`` embedded, positioned tokens.
+
+        Returns:
+            ``[B, N, D]`` after the last block and the final norm.
+
+        Raises:
+            ValueError: when ``tokens`` is not ``[B, N, embed_dim]``.
+        """
+        return self.forward_features(tokens, ())[0]
+
+    def forward_features(self, tokens: Tensor, layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """Encode tokens and keep the hidden states after some blocks (e.g. for UNETR-style decoders).
+
+        Args:
+            tokens: ``[B, N, D]``.
+            layers: 0-based block indices whose outputs (before the final norm) to return, in the order given.
+
+        Returns:
+            The normed output ``[B, N, D]`` and one ``[B, N, D]`` per entry of ``layers``.
+
+        Raises:
+            ValueError: when ``tokens`` has the wrong shape or a layer index is out of range.
+        """
+        _check_tokens(tokens, self.embed_dim)
+        wanted = [int(i) for i in layers]
+        if any(not 0 <= i < len(self.blocks) for i in wanted):
+            raise ValueError(f"layers {wanted} must be block indices in [0, {len(self.blocks)}).")
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        hidden: dict[int, Tensor] = {}
+        x = tokens
+        for index, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if index in wanted:
+                hidden[index] = x
+        return self.norm(x), [hidden[i] for i in wanted]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform linear weights, zero biases, unit LayerNorm; use with ``Module.apply``.
+
+    Args:
+        module: any module; only ``nn.Linear`` and ``nn.LayerNorm`` are touched.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MultiViewEncoder(nn.Module):
+    """Tokenise one or more image views and encode their (visible) tokens jointly with one shared ViT.
+
+    Each view has its own patch embedding and fixed N-d sin-cos positions over its own patch grid, plus (optionally)
+    a learnable per-view embedding that tells the shared encoder which view a token came from; the tokens of all
+    views present are concatenated so attention runs across views, as in CineMA (Fu et al., 2025,
+    https://arxiv.org/abs/2506.00679). Given masks, only the visible patches are embedded and encoded (MAE).
+
+    Parameter names (stable, loaded strictly by fine-tuning code): ``patch_embed.<view>.*``, ``view_embed.<view>``
+    and ``vit.*``; positions are buffers rebuilt from the view geometry and are not saved.
+
+    Args:
+        views: view name -> :class:`~medssl.nets.patch_embed.ViewSpec` or ``{"image_size", "patch_size",
+            "in_channels"}``; names must be Python identifiers.
+        embed_dim: token width.
+        depth: ViT blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP inner width over ``embed_dim``.
+        qkv_bias: bias on the ``qkv`` projections.
+        drop_path_rate: stochastic depth of the last block.
+        patch_embed: ``"linear"`` or ``"conv_stem"`` (see :mod:`medssl.nets.patch_embed`).
+        view_embedding: add a learnable embedding per view (CineMA's multi-view setting).
+        grad_checkpointing: recompute ViT blocks in the backward pass.
+
+    Raises:
+        ValueError: when there is no view, a name is not an identifier, or a view's geometry is invalid (the message
+            names the view).
+    """
+
+    def __init__(
+        self,
+        views: Mapping[str, ViewSpec | Mapping],
+        embed_dim: int = 192,
+        depth: int = 4,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        patch_embed: str = "linear",
+        view_embedding: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.views = parse_views(views)
+        self.embed_dim = embed_dim
+        self.patch_embed = nn.ModuleDict(
+            {
+                name: build_patch_embed(patch_embed, spec.patch_size, spec.in_channels, embed_dim)
+                for name, spec in self.views.items()
+            }
+        )
+        self.view_embed = new_view_embeddings(self.views, embed_dim) if view_embedding else None
+        self.positions = ViewPositions(self.views, embed_dim)
+        self.vit = ViTEncoder(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, grad_checkpointing)
+
+    def check_images(self, images: Mapping[str, Tensor]) -> int:
+        """Validate view images against the view geometry.
+
+        Args:
+            images: view name -> ``[B, C, *image_size]``; at least one view.
+
+        Returns:
+            The batch size ``B``.
+
+        Raises:
+            ValueError: for an unknown view, a wrong number of axes, channels or spatial size, or batch sizes that
+                differ between views (the message names the view and prints the shapes).
+        """
+        if not images:
+            raise ValueError(f"no view images given; expected some of {list(self.views)}.")
+        batch_sizes = {}
+        for name, image in images.items():
+            if name not in self.views:
+                raise ValueError(f"unknown view {name!r}; this model has views {list(self.views)}.")
+            spec = self.views[name]
+            expected = (spec.in_channels, *spec.image_size)
+            if image.ndim != 2 + len(spec.image_size) or tuple(image.shape[1:]) != expected:
+                raise ValueError(
+                    f"view {name!r}: expected images [B, {', '.join(map(str, expected))}] "
+                    f"({len(spec.image_size)} spatial axes), got shape {tuple(image.shape)}."
+                )
+            batch_sizes[name] = image.shape[0]
+        if len(set(batch_sizes.values())) > 1:
+            raise ValueError(f"views must share the batch size, got {batch_sizes}.")
+        return next(iter(batch_sizes.values()))
+
+    def embed(
+        self, images: Mapping[str, Tensor], masks: Mapping[str, MaskOutput] | None = None
+    ) -> tuple[Tensor, dict[str, int]]:
+        """Patchify, keep the visible patches, embed and position them, and concatenate the views.
+
+        Args:
+            images: view name -> ``[B, C, *image_size]``.
+            masks: view name -> mask over that view's grid; views without a mask keep all tokens.
+
+        Returns:
+            Tokens ``[B, sum_v K_v, embed_dim]`` in the order of ``images``, and the token count ``K_v`` per view.
+
+        Raises:
+            ValueError: for invalid images (see :meth:`check_images`) or a mask that does not fit its view.
+        """
+        batch = self.check_images(images)
+        tokens, counts = [], {}
+        for name, image in images.items():
+            patches = patchify(image, self.views[name].patch_size)
+            position = self.positions(name)
+            mask = None if masks is None else masks.get(name)
+            if mask is not None:
+                check_mask(name, mask, batch, self.views[name].num_tokens)
+                patches, position = gather_tokens(patches, mask.ids_keep), position[mask.ids_keep]
+            x = self.patch_embed[name](patches) + position
+            if self.view_embed is not None:
+                x = x + self.view_embed[name]
+            tokens.append(x)
+            counts[name] = x.shape[1]
+        return (torch.cat(tokens, 1) if len(tokens) > 1 else tokens[0]), counts
+
+    def forward(self, images: Mapping[str, Tensor], masks: Mapping[str, MaskOutput] | None = None) -> dict[str, Tensor]:
+        """Encode the views jointly.
+
+        Args:
+            images: view name -> ``[B, C, *image_size]``; any subset of the views.
+            masks: optional view name -> mask; masked tokens are dropped before embedding.
+
+        Returns:
+            View name -> ``[B, K_v, embed_dim]`` encoded tokens (``K_v = N_v`` without a mask), in grid order
+            without a mask and in ``ids_keep`` order with one.
+
+        Raises:
+            ValueError: see :meth:`embed`.
+        """
+        tokens, counts = self.embed(images, masks)
+        return dict(zip(counts, self.vit(tokens).split(list(counts.values()), dim=1)))
+
+
+def parse_views(views: Mapping[str, ViewSpec | Mapping]) -> dict[str, ViewSpec]:
+    """Validate and normalise a view mapping.
+
+    Args:
+        views: view name -> :class:`ViewSpec` or its mapping form.
+
+    Returns:
+        An ordered ``{name: ViewSpec}``.
+
+    Raises:
+        ValueError: when empty, a name is not an identifier, or a view's geometry is invalid (naming the view).
+    """
+    if not views:
+        raise ValueError("at least one view is needed.")
+    parsed = {}
+    for name, spec in views.items():
+        if not str(name).isidentifier():
+            raise ValueError(f"view names must be Python identifiers (they name parameters), got {name!r}.")
+        try:
+            parsed[name] = ViewSpec.of(spec)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"view {name!r}: {error}") from error
+    return parsed
+
+
+def new_view_embeddings(views: Mapping[str, ViewSpec], dim: int) -> nn.ParameterDict:
+    """Learnable view embeddings, drawn from N(0, 0.02²) like MAE's learnable tokens.
+
+    Args:
+        views: view name -> geometry (only the names are used).
+        dim: embedding width.
+
+    Returns:
+        View name -> ``[1, 1, dim]`` parameter, added to every token of that view.
+    """
+    return nn.ParameterDict({name: nn.Parameter(torch.randn(1, 1, dim) * 0.02) for name in views})
+
+
+class ViewPositions(nn.Module):
+    """Fixed sin-cos positions per view (non-persistent buffers: rebuilt from the geometry, never saved).
+
+    Args:
+        views: view name -> geometry.
+        dim: embedding width.
+    """
+
+    def __init__(self, views: Mapping[str, ViewSpec], dim: int) -> None:
+        super().__init__()
+        for name, spec in views.items():
+            self.register_buffer(name, sincos_pos_embed(spec.grid, dim), persistent=False)
+
+    def forward(self, name: str) -> Tensor:
+        """Args: name: a view name. Returns: its ``[N_v, dim]`` positions in grid order."""
+        return self.get_buffer(name)
+
+
+def check_mask(name: str, mask: MaskOutput, batch: int, num_tokens: int) -> None:
+    """Check that a mask fits a view's batch and grid.
+
+    Args:
+        name: the view, for the message.
+        mask: the mask.
+        batch: expected batch size.
+        num_tokens: tokens on the view's grid.
+
+    Raises:
+        ValueError: when ``ids_restore`` is not ``[batch, num_tokens]`` or ``ids_keep`` is not ``[batch, K]`` with
+            ``K <= num_tokens``.
+    """
+    keep, restore = mask.ids_keep, mask.ids_restore
+    if restore.shape != (batch, num_tokens) or keep.ndim != 2 or keep.shape[0] != batch or keep.shape[1] > num_tokens:
+        raise ValueError(
+            f"view {name!r}: mask does not fit batch {batch} and {num_tokens} tokens: ids_keep "
+            f"{tuple(keep.shape)}, ids_restore {tuple(restore.shape)}."
+        )
