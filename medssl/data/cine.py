@@ -150,17 +150,13 @@ def load_cine_datalist(source: str | os.PathLike, views: Sequence[str] = CINE_VI
     if not items:
         raise DataError(f"no NIfTI files found in {path}; {_EXPECTED_LAYOUT}.")
 
-    for view in views:
-        lacking = [index for index, item in enumerate(items) if not item.get(view)]
-        if lacking:
-            raise DataError(
-                f"{len(lacking)} of {len(items)} subjects in {path} have no '{view}' image (first: subject "
-                f"#{lacking[0]}); add the file or remove '{view}' from the bundle's 'views'."
-            )
+    # Malformed files are reported before missing views: a wrong file is the likelier cause of both.
     datalist = []
     for item in items:
         entry = {}
         for view in views:
+            if not item.get(view):
+                continue
             file = Path(item[view])
             if not file.is_absolute():  # MONAI keeps paths relative when the file does not exist
                 file = path.parent / file
@@ -169,6 +165,13 @@ def load_cine_datalist(source: str | os.PathLike, views: Sequence[str] = CINE_VI
             _check_cine_shape(str(file), view)
             entry[view] = str(file.resolve())
         datalist.append(entry)
+    for view in views:
+        lacking = [index for index, entry in enumerate(datalist) if view not in entry]
+        if lacking:
+            raise DataError(
+                f"{len(lacking)} of {len(items)} subjects in {path} have no '{view}' image (first: subject "
+                f"#{lacking[0]}); add the file or remove '{view}' from the bundle's 'views'."
+            )
     return datalist
 
 
