@@ -26,6 +26,7 @@ from medssl.nets.pos_embed import sincos_pos_embed
 from medssl.nets.tokens import gather_tokens, patchify
 
 __all__ = [
+    "onednn_matmul",
     "OneDNNLinear",
     "SelfAttention",
     "MLP",
@@ -50,8 +51,20 @@ def _check_tokens(tokens: Tensor, dim: int) -> None:
         raise ValueError(f"tokens must be [B, N, {dim}], got shape {tuple(tokens.shape)}.")
 
 
-def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` by oneDNN; ``x`` ``[..., K]``, ``weight`` ``[N, K]`` (either may be a strided view)."""
+def onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` computed by oneDNN (CPU, float32 or bfloat16), with no autograd support.
+
+    Args:
+        x: ``[..., K]``.
+        weight: ``[N, K]``.
+        bias: ``[N]`` or None.
+
+    Returns:
+        ``[..., N]``.
+
+    Each operand must be contiguous or the transpose of a contiguous matrix: other strides (e.g. a slice of rows
+    of a wider matrix) send oneDNN to its reference kernels, about a thousand times slower.
+    """
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -62,7 +75,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
-        return _onednn_matmul(x, weight, bias)
+        return onednn_matmul(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -70,8 +83,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         flat = grad.view(-1, grad.shape[-1])
-        grad_x = _onednn_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_weight = _onednn_matmul(flat.t(), x.view(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        grad_x = onednn_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = onednn_matmul(flat.t(), x.view(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
         grad_bias = flat.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
@@ -82,7 +95,8 @@ class OneDNNLinear(nn.Linear):
     PyTorch sends float32 CPU matrix products to MKL, which runs its AVX2 code on non-Intel x86 CPUs; oneDNN picks
     AVX-512 wherever the CPU has it (2x the MKL rate for a 2048^2 product on the AMD EPYC this was tuned on). The
     operator is the one behind ``torch.compile``'s CPU linear fusions. Anything else (other devices or dtypes,
-    autocast, which already uses oneDNN for bf16, tracing by ``torch.compile``) takes plain ``F.linear``; set
+    autocast, which already uses oneDNN for bf16, tracing by ``torch.compile`` or ``torch.jit.trace``, so
+    exported graphs stay portable to other devices) takes plain ``F.linear``; set
     ``OneDNNLinear.enabled = False`` to always do so. Parameters, initialisation and state dict are nn.Linear's.
 
     Args:
@@ -95,20 +109,89 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """Args: x ``[..., in_features]``. Returns: ``[..., out_features]``."""
-        if (
-            self.enabled
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
+        # Other weight layouts would send oneDNN to its reference kernels.
+        if self.weight.dtype == torch.float32 and self.weight.is_contiguous() and _use_onednn(x):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
+def _use_onednn(x: Tensor) -> bool:
+    """Whether float32 CPU products on ``x`` should run through oneDNN (see :class:`OneDNNLinear`)."""
+    return (
+        OneDNNLinear.enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+# Query rows per block: a block's float32 scores (rows x keys) stay within ~2.5 MB, about one core's L2 cache.
+_ATTENTION_BLOCK_ELEMENTS = 640 * 1024
+
+
+class _OneDNNAttentionFunction(torch.autograd.Function):
+    """Softmax attention from a fused ``qkv`` tensor with oneDNN products, one block of queries at a time.
+
+    The forward keeps each query row's log-sum-exp; the backward recomputes a block's probabilities from it instead
+    of storing them, as FlashAttention does (Dao et al., 2022, https://arxiv.org/abs/2205.14135), so memory stays
+    linear in the number of tokens. Every product operand is a contiguous matrix or its transpose.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor) -> Tensor:  # noqa: D102
+        batch, length, _, heads, head_dim = qkv.shape
+        block = min(length, max(16, _ATTENTION_BLOCK_ELEMENTS // length))
+        scale = head_dim**-0.5
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, Dh] each, contiguous
+        out = qkv.new_empty(batch, length, heads, head_dim)  # token layout: reshapes to [B, N, D] for free
+        logsumexp = qkv.new_empty(batch, heads, length, 1)
+        for b in range(batch):
+            for h in range(heads):
+                for start in range(0, length, block):
+                    rows = slice(start, start + block)
+                    scores = onednn_matmul(q[b, h, rows], k[b, h]).mul_(scale)
+                    logsumexp[b, h, rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
+                    probs = scores.sub_(logsumexp[b, h, rows]).exp_()
+                    out[b, rows, h] = onednn_matmul(probs, v[b, h].t())
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> Tensor:  # noqa: D102
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        batch, heads, length, head_dim = q.shape
+        scale = head_dim**-0.5
+        grad_heads = grad_out.permute(0, 2, 1, 3).contiguous()  # [B, H, N, Dh]
+        # Row-wise dot(dO, O): the softmax Jacobian term of every query.
+        delta = (grad_out * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, N, 1]
+        grad_qkv = q.new_empty(batch, length, 3, heads, head_dim)
+        for b in range(batch):
+            for h in range(heads):
+                grad_k, grad_v = torch.zeros_like(k[b, h]), torch.zeros_like(v[b, h])
+                for start in range(0, length, ctx.block):
+                    rows = slice(start, start + ctx.block)
+                    q_rows, grad_rows = q[b, h, rows], grad_heads[b, h, rows]
+                    probs = onednn_matmul(q_rows, k[b, h]).mul_(scale).sub_(logsumexp[b, h, rows]).exp_()
+                    grad_v += onednn_matmul(probs.t(), grad_rows.t())
+                    grad_scores = onednn_matmul(grad_rows, v[b, h]).sub_(delta[b, h, rows]).mul_(probs).mul_(scale)
+                    grad_qkv[b, rows, 0, h] = onednn_matmul(grad_scores, k[b, h].t())
+                    grad_k += onednn_matmul(grad_scores.t(), q_rows.t())
+                grad_qkv[b, :, 1, h] = grad_k
+                grad_qkv[b, :, 2, h] = grad_v
+        return grad_qkv
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection and PyTorch's fused attention kernels.
+
+    On CPU in float32 (no dropout on the weights) the attention runs through oneDNN products a block of queries at a
+    time, like PyTorch's CPU flash kernel but on AVX-512 (whose float32 products use MKL's AVX2 code on AMD CPUs);
+    everywhere else through ``F.scaled_dot_product_attention``.
 
     Args:
         dim: token width ``D``.
@@ -143,11 +226,16 @@ class SelfAttention(nn.Module):
             ``[B, N, D]``.
         """
         batch, length, dim = x.shape
-        # Strided q/k/v views straight from the fused projection: the fused kernels accept them without a copy, and
-        # their output is laid out [B, N, H, Dh] in memory, so the transpose-reshape below is free as well.
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        dropout = self.attn_drop if self.training else 0.0
+        if dropout == 0.0 and _use_onednn(qkv):
+            out = _OneDNNAttentionFunction.apply(qkv)
+        else:
+            # Strided q/k/v views straight from the fused projection: the fused kernels take them without a copy,
+            # and lay their output out as [B, N, H, Dh], so the transpose-reshape below is free as well.
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2)
+        return self.proj_drop(self.proj(out.reshape(batch, length, dim)))
 
 
 class MLP(nn.Module):

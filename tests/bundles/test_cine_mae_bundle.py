@@ -105,11 +105,13 @@ def test_bundle_files_follow_the_monai_bundle_spec():
         assert metadata[key], key
     assert metadata["version"] in metadata["changelog"]
     train = json.loads(TRAIN.read_text())
-    inputs = metadata["network_data_format"]["inputs"]
-    assert {view: inputs[view]["spatial_shape"] for view in inputs} == {
-        view: spec["image_size"] for view, spec in train["views"].items()
-    }
-    assert "loss" in metadata["network_data_format"]["outputs"]
+    # network_data_format describes the exported SAX encoder (what MONAI's tools run), not the training network.
+    sax = train["views"]["sax"]
+    data_format = metadata["network_data_format"]
+    assert data_format["inputs"]["image"]["spatial_shape"] == sax["image_size"]
+    grid = [size // patch for size, patch in zip(sax["image_size"], sax["patch_size"])]
+    assert data_format["outputs"]["pred"]["spatial_shape"] == grid
+    assert data_format["outputs"]["pred"]["num_channels"] == train["model"]["embed_dim"]
     assert (BUNDLE / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
     readme = (BUNDLE / "docs" / "README.md").read_text()
     assert "only run bundles you trust" in readme.lower() and "--dataset_dir" in readme and "torchrun" in readme
