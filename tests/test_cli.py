@@ -45,13 +45,17 @@ def test_nonsense_arguments_are_rejected_with_a_message(args, message):
     assert "Traceback" not in result.stderr
 
 
+def _replace_handler(monkeypatch, command: str, handler) -> None:
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices[command].set_defaults(handler=handler)
+
+
 def test_user_errors_print_one_line_and_exit_2(monkeypatch, capsys):
     def broken(args):
         raise DataError("no NIfTI files found in /somewhere")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["demo"].set_defaults(handler=broken)
+    _replace_handler(monkeypatch, "demo", broken)
     assert cli.main(["demo"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "medssl demo: error: no NIfTI files found in /somewhere"
@@ -61,9 +65,7 @@ def test_unexpected_errors_are_summarised_unless_debug(monkeypatch, capsys):
     def buggy(args):
         raise ZeroDivisionError("division by zero")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["demo"].set_defaults(handler=buggy)
+    _replace_handler(monkeypatch, "demo", buggy)
     assert cli.main(["demo"]) == 1
     assert "unexpected ZeroDivisionError: division by zero" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):
