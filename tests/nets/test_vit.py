@@ -7,8 +7,20 @@ import torch
 from monai.networks.blocks import TransformerBlock as MonaiTransformerBlock
 
 from medssl.masking import RandomMasking
+from medssl.nets import vit
 from medssl.nets.tokens import patchify
 from medssl.nets.vit import MultiViewEncoder, OneDNNLinear, SelfAttention, TransformerBlock, ViTEncoder
+
+
+def graph_nodes(tensor):
+    """Names of the autograd nodes behind a tensor."""
+    seen, stack = {}, [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return set(seen.values())
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -43,6 +55,24 @@ def test_onednn_linear_falls_back_where_onednn_does_not_apply():
         assert type(layer(torch.randn(2, 6)).grad_fn).__name__ == "AddmmBackward0"
     finally:
         OneDNNLinear.enabled = enabled
+
+
+def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch):
+    torch.manual_seed(0)
+    attn = SelfAttention(dim=12, num_heads=3)
+    x = torch.randn(2, 37, 12, requires_grad=True)
+    grad = torch.randn(2, 37, 12)
+    monkeypatch.setattr(vit, "_ATTENTION_BLOCK_ELEMENTS", 37 * 10)  # blocks of 16, 16 and 5 queries
+    out = attn(x)
+    assert "_OneDNNAttentionFunctionBackward" in graph_nodes(out)
+    ours = torch.autograd.grad(out, [x, *attn.parameters()], grad)
+    monkeypatch.setattr(OneDNNLinear, "enabled", False)
+    reference = attn(x)
+    assert "_OneDNNAttentionFunctionBackward" not in graph_nodes(reference)
+    expected = torch.autograd.grad(reference, [x, *attn.parameters()], grad)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_self_attention_matches_softmax_formula():
