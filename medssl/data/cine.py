@@ -19,6 +19,9 @@ Data sources accepted by :func:`load_cine_datalist`:
 - a folder holding such a ``manifest.json``,
 - a folder of subject sub-folders, each with ``sax.nii.gz`` (+ optional ``lax_2c.nii.gz``, ``lax_4c.nii.gz``),
 - a flat folder of 4-D SAX cine ``*.nii`` / ``*.nii.gz`` files.
+
+Segmentation labels, when asked for, sit beside each image as ``<view>_label.nii.gz`` (the phantom cohort's layout;
+manifest key ``<view>_label``; in a flat folder ``<name>_label.nii.gz`` beside ``<name>.nii.gz``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ __all__ = [
     "LAX_VIEWS",
     "CINE_VIEWS",
     "INTENSITY_PERCENTILES",
+    "LABEL_SUFFIX",
+    "label_key",
     "load_cine_datalist",
     "RandCardiacPhased",
     "cine_transforms",
@@ -63,6 +68,7 @@ SAX_VIEW = "sax"
 LAX_VIEWS = ("lax_2c", "lax_4c")
 CINE_VIEWS = (SAX_VIEW, *LAX_VIEWS)
 INTENSITY_PERCENTILES = (0.95, 99.5)
+LABEL_SUFFIX = "_label"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _EXPECTED_LAYOUT = (
     "expected a manifest.json, subject folders containing sax.nii.gz (+ optional lax_2c.nii.gz, lax_4c.nii.gz), "
@@ -70,8 +76,17 @@ _EXPECTED_LAYOUT = (
 )
 
 
+def label_key(view: str) -> str:
+    """Key (and file stem) of a view's segmentation label: ``"sax"`` -> ``"sax_label"``."""
+    return f"{view}{LABEL_SUFFIX}"
+
+
 def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.endswith(_NIFTI_SUFFIXES)
+
+
+def _nifti_stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
 
 
 def _view_file(folder: Path, view: str) -> Path | None:
@@ -101,13 +116,20 @@ def _items_from_folder(folder: Path) -> list[dict[str, Any]]:
     if subject_folders:
         items = []
         for subject in subject_folders:
-            files = {view: _view_file(subject, view) for view in CINE_VIEWS}
-            items.append({view: str(path) for view, path in files.items() if path is not None})
+            files = {key: _view_file(subject, key) for view in CINE_VIEWS for key in (view, label_key(view))}
+            items.append({key: str(path) for key, path in files.items() if path is not None})
         return items
-    return [{SAX_VIEW: str(path)} for path in sorted(folder.iterdir()) if _is_nifti(path)]
+    files = {_nifti_stem(path): path for path in sorted(folder.iterdir()) if _is_nifti(path)}
+    items = []
+    for stem, path in files.items():
+        if stem.endswith(LABEL_SUFFIX) and stem[: -len(LABEL_SUFFIX)] in files:
+            continue  # the label of another file, not a cine
+        label = files.get(label_key(stem))
+        items.append({SAX_VIEW: str(path), **({label_key(SAX_VIEW): str(label)} if label else {})})
+    return items
 
 
-def _check_cine_shape(path: str, view: str) -> None:
+def _check_cine_shape(path: str, view: str) -> tuple[int, ...]:
     try:
         shape = tuple(nib.load(path).shape)
     except Exception as e:  # nibabel raises several unrelated types for unreadable files
@@ -116,9 +138,12 @@ def _check_cine_shape(path: str, view: str) -> None:
         raise DataError(f"{path}: expected a 4-D SAX cine [H, W, S, T], got shape {shape}.")
     if view != SAX_VIEW and (len(shape) != 4 or shape[2] != 1):
         raise DataError(f"{path}: expected a 4-D {view} cine [H, W, 1, T], got shape {shape}.")
+    return shape
 
 
-def load_cine_datalist(source: str | os.PathLike, views: Sequence[str] = CINE_VIEWS) -> list[dict[str, str]]:
+def load_cine_datalist(
+    source: str | os.PathLike, views: Sequence[str] = CINE_VIEWS, labels: bool = False
+) -> list[dict[str, str]]:
     """List the cine NIfTI files of every subject of a data source, checked for presence and dimensions.
 
     Only the requested views' file paths are kept (subject identifiers and other fields are dropped, so they
@@ -128,14 +153,16 @@ def load_cine_datalist(source: str | os.PathLike, views: Sequence[str] = CINE_VI
         source: a manifest JSON file, a folder containing ``manifest.json``, a folder of subject folders
             (``sax.nii.gz`` + optional ``lax_2c.nii.gz`` / ``lax_4c.nii.gz``), or a flat folder of 4-D SAX cines.
         views: views every subject must provide, a subset of ``("sax", "lax_2c", "lax_4c")``.
+        labels: also list each view's segmentation label ``<view>_label`` (a 4-D file of the image's shape).
 
     Returns:
-        one dict per subject, ``{view: absolute NIfTI path}`` for each requested view.
+        one dict per subject, ``{view: absolute NIfTI path}`` for each requested view, plus
+        ``{"<view>_label": path}`` with ``labels``.
 
     Raises:
-        DataError: when the source does not exist, holds no NIfTI files, a subject lacks a requested view, a
-            listed file is missing, or a file does not have the cine dimensions (SAX ``[H, W, S, T]``, LAX
-            ``[H, W, 1, T]``).
+        DataError: when the source does not exist, holds no NIfTI files, a subject lacks a requested view (or its
+            label), a listed file is missing, a file does not have the cine dimensions (SAX ``[H, W, S, T]``, LAX
+            ``[H, W, 1, T]``), or a label's shape differs from its image's.
         ValueError: when ``views`` is empty or names an unknown view.
     """
     unknown = [view for view in views if view not in CINE_VIEWS]
@@ -157,22 +184,36 @@ def load_cine_datalist(source: str | os.PathLike, views: Sequence[str] = CINE_VI
         for view in views:
             if not item.get(view):
                 continue
-            file = Path(item[view])
-            if not file.is_absolute():  # MONAI keeps paths relative when the file does not exist
-                file = path.parent / file
-            if not file.is_file():
-                raise DataError(f"{view} image {file} listed in {path} does not exist.")
-            _check_cine_shape(str(file), view)
-            entry[view] = str(file.resolve())
+            shape = _check_cine_shape(_listed_file(item[view], path, f"{view} image", entry, view), view)
+            key = label_key(view)
+            if labels and item.get(key):
+                label_shape = _check_cine_shape(_listed_file(item[key], path, f"{view} label", entry, key), view)
+                if label_shape != shape:
+                    raise DataError(
+                        f"label {entry[key]} has shape {label_shape} but its image {entry[view]} has {shape}; "
+                        "a label must have one value per image voxel and frame."
+                    )
         datalist.append(entry)
     for view in views:
-        lacking = [index for index, entry in enumerate(datalist) if view not in entry]
-        if lacking:
-            raise DataError(
-                f"{len(lacking)} of {len(items)} subjects in {path} have no '{view}' image (first: subject "
-                f"#{lacking[0]}); add the file or remove '{view}' from the bundle's 'views'."
-            )
+        for key, what in ((view, "image"), *(((label_key(view), "label"),) if labels else ())):
+            lacking = [index for index, entry in enumerate(datalist) if key not in entry]
+            if lacking:
+                raise DataError(
+                    f"{len(lacking)} of {len(items)} subjects in {path} have no '{view}' {what} (first: subject "
+                    f"#{lacking[0]}); add the file ('{key}') or remove '{view}' from the bundle's 'views'."
+                )
     return datalist
+
+
+def _listed_file(name: str, source: Path, what: str, entry: dict[str, str], key: str) -> str:
+    """Resolve a file listed by ``source``, check that it exists and store its absolute path in ``entry[key]``."""
+    file = Path(name)
+    if not file.is_absolute():  # MONAI keeps paths relative when the file does not exist
+        file = source.parent / file
+    if not file.is_file():
+        raise DataError(f"{what} {file} listed in {source} does not exist.")
+    entry[key] = str(file.resolve())
+    return entry[key]
 
 
 class RandCardiacPhased(Randomizable, MapTransform):

@@ -5,7 +5,8 @@ artifacts under ``<run_dir>/mlartifacts`` (set explicitly on the experiment: MLf
 ``MLFLOW_TRACKING_URI`` switches to a shared server. A run logs its hyperparameters as params, every scalar of the
 trainer's output (``loss``, ``loss_<view>``, ``lr``) per iteration, the epoch metrics per epoch, artifacts (figures,
 weights, configs), and writes ``<run_dir>/summary.json``. A run folder keeps its MLflow run id, so a resumed
-training continues the same MLflow run. Only hyperparameters and file artifacts are logged: never data paths or
+training continues the same MLflow run, and results computed later (an evaluation) land in it too
+(:func:`log_to_run_folder`). Only hyperparameters and file artifacts are logged: never data paths or
 subject identifiers.
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
@@ -29,7 +32,7 @@ from medssl.engine.checkpoints import atomic_write
 from medssl.engine.distributed import is_main_process
 from medssl.engine.trainer import EPOCH_LOSS
 
-__all__ = ["TRACKING_URI_ENV", "resolve_tracking", "flatten_params", "MLflowTracker"]
+__all__ = ["TRACKING_URI_ENV", "resolve_tracking", "flatten_params", "MLflowTracker", "log_to_run_folder"]
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 _RUN_RECORD = "mlflow_run.json"
@@ -75,6 +78,29 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def _recorded_run(client: MlflowClient, record: Path, tracking_uri: str) -> Any:
+    """The MLflow run a run folder recorded, if it is in this store and still exists; else None."""
+    if not record.is_file():
+        return None
+    recorded = json.loads(record.read_text())
+    if recorded.get("tracking_uri") != tracking_uri:
+        return None
+    try:
+        return client.get_run(recorded["run_id"])
+    except (MlflowException, KeyError):
+        logger.warning(f"the MLflow run recorded in {record} is gone; starting a new run.")
+        return None
+
+
+def _record_run(record: Path, run_id: str, tracking_uri: str) -> None:
+    text = json.dumps({"run_id": run_id, "tracking_uri": tracking_uri})
+    atomic_write(record, lambda temporary: Path(temporary).write_text(text))
+
+
+def _new_run_name() -> str:
+    return f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+
+
 def _scalars(output: Any) -> dict[str, float] | None:
     if not isinstance(output, Mapping):
         return None
@@ -90,31 +116,19 @@ class _RunFolderMLFlowHandler(MLFlowHandler):
         self.params = params
         self.tracking_uri = tracking_uri
 
-    def _recorded_run(self) -> Any:
-        record = json.loads(self.record.read_text())
-        if record.get("tracking_uri") != self.tracking_uri:
-            return None
-        try:
-            return self.client.get_run(record["run_id"])
-        except (MlflowException, KeyError):
-            logger.warning(f"the MLflow run recorded in {self.record} is gone; starting a new run.")
-            return None
-
     def start(self, engine: Engine) -> None:
         # MONAI would otherwise adopt any unfinished run of the experiment, e.g. another folder's killed run on a
         # shared server: continue this folder's own run, or start a new one.
         self._set_experiment()
-        if self.cur_run is None and self.record.is_file():
-            self.cur_run = self._recorded_run()
         if self.cur_run is None:
-            name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
-            self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=name)
+            self.cur_run = _recorded_run(self.client, self.record, self.tracking_uri)
+        if self.cur_run is None:
+            self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=self.run_name or _new_run_name())
         super().start(engine)
         params = dict(self.params)
         self._delete_exist_param_in_dict(params)
         self._log_params(params)
-        record = json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri})
-        atomic_write(self.record, lambda temporary: Path(temporary).write_text(record))
+        _record_run(self.record, self.run_id, self.tracking_uri)
 
     @property
     def run_id(self) -> str | None:
@@ -227,3 +241,61 @@ class MLflowTracker:
         atomic_write(self.run_dir / _SUMMARY, lambda temporary: Path(temporary).write_text(text))
         self.handler.close()
         return summary
+
+
+def log_to_run_folder(
+    run_dir: str | os.PathLike,
+    metrics: Mapping[str, float],
+    artifacts: Mapping[str, str | os.PathLike] | None = None,
+    experiment_name: str = "medssl",
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+) -> str | None:
+    """Log results computed after training (e.g. an evaluation) into the MLflow run of a run folder (rank 0 only).
+
+    Continues the run recorded in the folder (the training's, see :class:`MLflowTracker`) when it lives in the same
+    store; otherwise creates a run in ``experiment_name`` and records it, so later calls and a later training add to
+    it. Non-finite metric values are skipped with a warning (MLflow cannot compare them).
+
+    Args:
+        run_dir: the run folder.
+        metrics: metric name -> value, logged at step 0.
+        artifacts: ``{artifact folder: file or folder}`` to log.
+        experiment_name: experiment of a new run.
+        tracking_uri: store URI; None for the run folder's SQLite store. ``MLFLOW_TRACKING_URI`` overrides both.
+        run_name: name of a new run; None for a timestamp.
+
+    Returns:
+        the MLflow run id; None off rank 0.
+    """
+    if not is_main_process():
+        return None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri, artifact_location = resolve_tracking(run_dir, tracking_uri)
+    client = MlflowClient(uri)
+    record = run_dir / _RUN_RECORD
+    run = _recorded_run(client, record, uri)
+    if run is None:
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(experiment_name, artifact_location=artifact_location)
+        )
+        run = client.create_run(experiment_id, run_name=run_name or _new_run_name())
+        client.set_terminated(run.info.run_id)
+        _record_run(record, run.info.run_id, uri)
+    run_id = run.info.run_id
+    values = {name: float(value) for name, value in metrics.items()}
+    skipped = sorted(name for name, value in values.items() if not math.isfinite(value))
+    if skipped:
+        logger.warning(f"not logging non-finite metrics {skipped}.")
+    timestamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id, metrics=[Metric(name, value, timestamp, 0) for name, value in values.items() if name not in skipped]
+    )
+    for folder, path in (artifacts or {}).items():
+        path = Path(path)
+        (client.log_artifacts if path.is_dir() else client.log_artifact)(run_id, str(path), folder)
+    return run_id

@@ -194,3 +194,51 @@ def test_cine_dataset_repeats_subjects_with_one_cache(tmp_path):
 def test_view_geometry_is_validated(views, message):
     with pytest.raises(ValueError, match=message):
         cine_transforms(views)
+
+
+def write_labels(folder, views=("sax", "lax_2c", "lax_4c")):
+    """A label cine beside each view's image, with the image's shape and affine."""
+    for view in views:
+        image = nib.load(str(folder / f"{view}.nii.gz"))
+        write_nifti(folder / f"{view}_label.nii.gz", np.zeros(image.shape, np.uint8), image.header.get_zooms()[:3])
+
+
+def test_labels_are_listed_beside_their_images_in_subject_folders(tmp_path):
+    for name in ("a", "b"):
+        write_subject(tmp_path / name)
+        write_labels(tmp_path / name, views=("sax", "lax_4c"))
+    datalist = load_cine_datalist(tmp_path, views=["sax", "lax_4c"], labels=True)
+    assert datalist[1] == {
+        key: str((tmp_path / "b" / f"{key}.nii.gz").resolve()) for key in ("sax", "sax_label", "lax_4c", "lax_4c_label")
+    }
+    assert load_cine_datalist(tmp_path, views=["sax"]) == [{"sax": item["sax"]} for item in datalist]
+    with pytest.raises(DataError, match=r"2 of 2 subjects .* have no 'lax_2c' label \(first: subject #0\); add the file "
+                                        r"\('lax_2c_label'\)"):
+        load_cine_datalist(tmp_path, views=["sax", "lax_2c"], labels=True)
+
+
+def test_labels_from_a_manifest_and_a_flat_folder(tmp_path):
+    write_subject(tmp_path / "cohort" / "s1", lax=False)
+    write_labels(tmp_path / "cohort" / "s1", views=("sax",))
+    manifest = {"training": [{"subject_id": "s1", "sax": "s1/sax.nii.gz", "sax_label": "s1/sax_label.nii.gz"}]}
+    (tmp_path / "cohort" / "manifest.json").write_text(json.dumps(manifest))
+    assert load_cine_datalist(tmp_path / "cohort", views=["sax"], labels=True) == [
+        {"sax": str(tmp_path / "cohort" / "s1" / "sax.nii.gz"), "sax_label": str(tmp_path / "cohort" / "s1" /
+                                                                                 "sax_label.nii.gz")}
+    ]
+    flat = tmp_path / "flat"
+    for name in ("p1", "p2"):
+        write_nifti(flat / f"{name}.nii.gz", np.zeros((8, 8, 3, 4), np.uint16), (2, 2, 10))
+    write_nifti(flat / "p1_label.nii.gz", np.zeros((8, 8, 3, 4), np.uint8), (2, 2, 10))
+    # The label is paired with its image, not listed as a cine of its own; p2 has none.
+    assert load_cine_datalist(flat, views=["sax"]) == [{"sax": str(flat / "p1.nii.gz")}, {"sax": str(flat / "p2.nii.gz")}]
+    with pytest.raises(DataError, match=r"1 of 2 subjects .* have no 'sax' label \(first: subject #1\)"):
+        load_cine_datalist(flat, views=["sax"], labels=True)
+
+
+def test_label_must_have_its_images_shape(tmp_path):
+    write_subject(tmp_path / "a", lax=False)
+    write_nifti(tmp_path / "a" / "sax_label.nii.gz", np.zeros((20, 20, 5, 3), np.uint8), (2.0, 2.0, 10.0))
+    with pytest.raises(DataError, match=r"sax_label\.nii\.gz has shape \(20, 20, 5, 3\) but its image .* has "
+                                        r"\(20, 20, 5, 4\)"):
+        load_cine_datalist(tmp_path, views=["sax"], labels=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from medssl.engine.tracking import MLflowTracker, flatten_params, resolve_tracking
+from medssl.engine.tracking import MLflowTracker, flatten_params, log_to_run_folder, resolve_tracking
 from medssl.engine.trainer import SSLTrainer
 
 
@@ -93,3 +93,25 @@ def test_a_new_run_folder_never_adopts_another_folders_unfinished_run(tmp_path, 
     other = MLflowTracker(tmp_path / "b", tracking_uri=store)
     trainer = train(toy_class, make_batches(1), other, epochs=1)
     assert other.finish(trainer)["run_id"] != killed.run_id
+
+
+def test_results_after_training_land_in_the_folders_run(tmp_path, monkeypatch, toy_class, make_batches):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    tracker = MLflowTracker(run_dir, {"epochs": 1}, experiment_name="exp")
+    summary = tracker.finish(train(toy_class, make_batches(2), tracker, epochs=1))
+    table = tmp_path / "metrics.csv"
+    table.write_text("subject,dice\n0,0.9\n")
+    run_id = log_to_run_folder(run_dir, {"eval_dice": 0.9, "eval_hd95": float("nan")}, {"evaluation": table})
+    assert run_id == summary["run_id"]  # the training's run, not a new one
+    client = MlflowClient(summary["tracking_uri"])
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval_dice"] == 0.9 and "eval_hd95" not in metrics  # non-finite values are not logged
+    assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/metrics.csv"]
+
+    fresh = tmp_path / "fresh"  # a folder without a training run gets one of its own, recorded for later calls
+    first = log_to_run_folder(fresh, {"eval_dice": 0.5}, experiment_name="exp")
+    assert first != run_id and log_to_run_folder(fresh, {"eval_dice": 0.6}, experiment_name="exp") == first
+    assert json.loads((fresh / "mlflow_run.json").read_text())["run_id"] == first
+    history = MlflowClient(resolve_tracking(fresh)[0]).get_metric_history(first, "eval_dice")
+    assert [m.value for m in history] == [0.5, 0.6]

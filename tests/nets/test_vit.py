@@ -62,7 +62,9 @@ def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch):
     attn = SelfAttention(dim=12, num_heads=3)
     x = torch.randn(2, 37, 12, requires_grad=True)
     grad = torch.randn(2, 37, 12)
+    assert "_OneDNNAttentionFunctionBackward" not in graph_nodes(attn(x))  # short sequences: the fused kernel
     monkeypatch.setattr(vit, "_ATTENTION_BLOCK_ELEMENTS", 37 * 10)  # blocks of 16, 16 and 5 queries
+    monkeypatch.setattr(vit, "_ONEDNN_ATTENTION_MIN_TOKENS", 37)
     out = attn(x)
     assert "_OneDNNAttentionFunctionBackward" in graph_nodes(out)
     ours = torch.autograd.grad(out, [x, *attn.parameters()], grad)
