@@ -309,7 +309,10 @@ def labelled_frame_transforms(
         EnsureChannelFirstd(keys=keys, channel_dim=-1),
         CheckLabelsd(keys=labels, image_keys=images, num_classes=num_classes),
     ]
-    random: list = [RandLabelledFramed(keys=images, label_keys=labels)]
+    random: list = [
+        RandLabelledFramed(keys=images, label_keys=labels),
+        EnsureTyped(keys=images, dtype=torch.float32, track_meta=False),
+    ]
     for name, view in views.items():
         pair = [name, view.label]
         window = list(view.image_size) if view.is_stack else [*view.image_size, 1]
@@ -320,9 +323,10 @@ def labelled_frame_transforms(
         ]
         if not view.is_stack:
             random.append(SqueezeDimd(keys=pair, dim=3))
-    # Labels are cached as bytes: a whole-field-of-view cine is large.
+    # Whole-field-of-view cines are large: images are cached in half precision (ample for intensities in [0, 1])
+    # and labels as bytes; the drawn frame is turned back into float32.
     transforms += [
-        EnsureTyped(keys=images, dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys=images, dtype=torch.float16, track_meta=False),
         EnsureTyped(keys=labels, dtype=torch.uint8, track_meta=False),
     ]
     if augment:

@@ -79,8 +79,13 @@ def local_device() -> torch.device:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group if one was joined."""
+    """Leave the process group if one was joined, once every rank has reached this point.
+
+    The barrier matters: a rank that tears down its gloo connections while a peer is still finishing its own work
+    (rank 0 writing the MLflow run) can abort the peer's communication threads.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

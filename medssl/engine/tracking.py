@@ -123,7 +123,8 @@ class _RunFolderMLFlowHandler(MLFlowHandler):
         if self.cur_run is None:
             self.cur_run = _recorded_run(self.client, self.record, self.tracking_uri)
         if self.cur_run is None:
-            self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=self.run_name or _new_run_name())
+            name = self.run_name or _new_run_name()
+            self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=name)
         super().start(engine)
         params = dict(self.params)
         self._delete_exist_param_in_dict(params)

@@ -93,10 +93,12 @@ def load_pretrained_encoder(
     if not path.is_file():
         raise CheckpointError(
             f"pretrained checkpoint {path} does not exist: run the cine_mae bundle first (it writes "
-            "<run_dir>/models/model.safetensors) or pass --pretrained null to train from scratch."
+            "<run_dir>/models/model.safetensors) or pass --pretrained False to train from scratch."
         )
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"pretrained checkpoint {path} must be a .safetensors file (e.g. models/model.safetensors).")
+        raise CheckpointError(
+            f"pretrained checkpoint {path} must be a .safetensors file (e.g. <run_dir>/models/model.safetensors)."
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -156,16 +158,27 @@ class EncoderTaskNetwork(nn.Module):
 
     def no_weight_decay(self) -> list[str]:
         """The view embeddings: learnable tokens get no weight decay, as MAE's positional embedding and class token."""
-        return [f"{ENCODER_PREFIX}{name}" for name, _ in self.encoder.named_parameters() if name.startswith("view_embed.")]
+        names = (name for name, _ in self.encoder.named_parameters() if name.startswith("view_embed."))
+        return [f"{ENCODER_PREFIX}{name}" for name in names]
 
-    def load_pretrained(self: _T, path: str | os.PathLike | None) -> _T:
-        """Load the encoder from a pre-training checkpoint (:func:`load_pretrained_encoder`); None keeps it random.
+    def load_pretrained(self: _T, path: str | os.PathLike | bool | None) -> _T:
+        """Load the encoder from a pre-training checkpoint (:func:`load_pretrained_encoder`).
+
+        Args:
+            path: the checkpoint; ``None``, ``False`` or ``""`` keep the random initialisation (training from
+                scratch; ``--pretrained False`` on MONAI's command line, which drops ``None`` overrides).
+
+        Returns:
+            the network.
 
         Raises:
-            CheckpointError: see :func:`load_pretrained_encoder`.
+            CheckpointError: for ``True``, or see :func:`load_pretrained_encoder`.
         """
-        if path is not None:
-            load_pretrained_encoder(self.encoder, path)
+        if path is None or path is False or path == "":
+            return self
+        if path is True:
+            raise CheckpointError("pretrained must be a checkpoint path, or False / None to train from scratch.")
+        load_pretrained_encoder(self.encoder, path)
         return self
 
     def encode(self, image: Tensor, view: str, layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
@@ -276,15 +289,15 @@ def select_labelled(datalist: Sequence[_T], num_labelled: int | None, seed: int 
     if num_labelled is None:
         return list(datalist)
     if isinstance(num_labelled, bool) or not isinstance(num_labelled, (int, np.integer)):
-        raise DataError(f"num_labelled must be an integer or null (all), got {num_labelled!r}.")
+        raise DataError(f"num_labelled must be an integer or None (all), got {num_labelled!r}.")
     if num_labelled < 1:
         raise DataError(
-            f"num_labelled={num_labelled} leaves the labelled set empty; use 1..{len(datalist)} or null for all."
+            f"num_labelled={num_labelled} leaves the labelled set empty; use 1..{len(datalist)} or None for all."
         )
     if num_labelled > len(datalist):
         raise DataError(
             f"num_labelled={num_labelled} is outside 1..{len(datalist)} (the data source has {len(datalist)} "
-            "labelled subjects); use null for all of them."
+            "labelled subjects); use None for all of them."
         )
     order = np.random.default_rng(seed).permutation(len(datalist))
     return [datalist[index] for index in sorted(order[: int(num_labelled)].tolist())]

@@ -307,7 +307,7 @@ class CineSegmentationPredictor:
         network: nn.Module,
         views: Mapping[str, SegmentationView],
         sw_batch_size: int = 4,
-        overlap: float = 0.25,
+        overlap: float = 0.5,
         largest_component: bool = True,
         device: torch.device | str | None = None,
     ) -> None:

@@ -99,7 +99,7 @@ def test_bundle_files_follow_the_monai_bundle_spec():
     assert (BUNDLE / "LICENSE").read_text() == (REPO / "bundles" / "cine_mae" / "LICENSE").read_text()
     readme = (BUNDLE / "docs" / "README.md").read_text()
     assert "only run bundles you trust" in readme.lower()
-    for phrase in ("--pretrained null", "--num_labelled", "--finetune_mode", "evaluate.json", "inference.json",
+    for phrase in ("--pretrained False", "--num_labelled", "--finetune_mode", "evaluate.json", "inference.json",
                    "--input_dir", "torchrun"):
         assert phrase in readme, phrase
 
@@ -164,7 +164,8 @@ def test_pretrained_or_scratch_is_one_override(tmp_path, pretrained):
 
     torch.testing.assert_close(encoder_weight(str(pretrained)), load_file(str(pretrained))[
         "encoder.vit.blocks.1.mlp.fc1.weight"])
-    assert not torch.allclose(encoder_weight(None), encoder_weight(str(pretrained)))
+    for scratch in (None, False):  # False on MONAI's command line, which drops None overrides
+        assert not torch.allclose(encoder_weight(scratch), encoder_weight(str(pretrained)))
     with pytest.raises(RuntimeError) as raised:  # MONAI wraps errors raised inside config expressions
         encoder_weight(str(tmp_path / "absent.safetensors"))
     assert isinstance(raised.value.__cause__, CheckpointError)
@@ -212,14 +213,15 @@ def test_bad_inputs_get_clear_errors(tmp_path, cohort, pretrained, no_tracking_e
 
 
 @pytest.mark.slow
-def test_torchrun_fine_tunes_with_two_gloo_processes(tmp_path, cohort, pretrained):
+def test_torchrun_fine_tunes_from_scratch_with_two_gloo_processes(tmp_path, cohort):
     run_dir = tmp_path / "run"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     overrides = {**TINY, "epochs": 1, "samples_per_subject": 2, "run_dir": str(run_dir), "dataset_dir": str(cohort),
-                 "pretrained": str(pretrained)}
+                 "pretrained": False}  # no checkpoint: from scratch
     result = run_cli([TRAIN, MULTI_GPU], overrides, tmp_path, launcher=launcher)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 1  # 2 subjects x 2 windows, split over 2 ranks, batch 2
+    assert MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.params["pretrained"] == "False"
     state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1], weights_only=True)
     assert any(key.startswith("decoders.sax.") for key in state["network"])  # the segmenter, saved unwrapped
     log = result.stdout + result.stderr

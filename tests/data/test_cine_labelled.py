@@ -68,8 +68,8 @@ def test_segmentation_view_geometry():
 
 def test_label_values_must_be_class_ids():
     check_label_values(np.array([0, 1, 2, 3]), 4, "x")
-    with pytest.raises(DataError, match=r"label f\.nii holds values 4, 255 outside the class ids 0\.\.3 \(0 background, "
-                                        r"1 RV, 2 MYO, 3 LV\)"):
+    expected = r"label f\.nii holds values 4, 255 outside the class ids 0\.\.3 \(0 background, 1 RV, 2 MYO, 3 LV\)"
+    with pytest.raises(DataError, match=expected):
         check_label_values(np.array([0, 4, 255, 1]), 4, "f.nii")
     with pytest.raises(DataError, match=r"holds values 1\.5 outside"):
         check_label_values(np.array([0.0, 1.5]), 4, "f.nii")
@@ -122,8 +122,9 @@ def test_preprocessing_resamples_in_plane_keeps_slices_and_scales(tmp_path):
     image, label = heart_cine((40, 40, 6), 3)
     preprocess = Compose(cine_preprocessing(VIEWS["sax"], "sax", "sax_label"))
     affine = torch.as_tensor(np.diag([1.0, 1.0, 8.0, 1.0]))
-    channel_first = lambda a: MetaTensor(torch.as_tensor(np.moveaxis(a, -1, 0).astype(np.float32)), affine=affine)  # noqa: E731
-    out = preprocess({"sax": channel_first(image), "sax_label": channel_first(label)})
+    image, label = (MetaTensor(torch.as_tensor(np.moveaxis(a, -1, 0).astype(np.float32)), affine=affine)
+                    for a in (image, label))
+    out = preprocess({"sax": image, "sax_label": label})
     assert out["sax"].shape == out["sax_label"].shape == (3, 20, 20, 6)  # 1 mm -> 2 mm in-plane, slices kept
     np.testing.assert_allclose(np.linalg.norm(out["sax"].affine[:3, :3].numpy(), axis=0), [2.0, 2.0, 8.0])
     assert out["sax"].min() == 0.0 and out["sax"].max() == 1.0

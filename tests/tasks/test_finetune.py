@@ -88,7 +88,7 @@ def test_a_view_the_checkpoint_lacks_is_reported_missing(tmp_path):
 
 def test_unusable_checkpoint_files(tmp_path):
     encoder = MultiViewEncoder({"sax": VIEWS["sax"]}, **WIDTH)
-    with pytest.raises(CheckpointError, match="does not exist: run the cine_mae bundle first .* --pretrained null"):
+    with pytest.raises(CheckpointError, match="does not exist: run the cine_mae bundle first .* --pretrained False"):
         load_pretrained_encoder(encoder, tmp_path / "absent.safetensors")
     (tmp_path / "model.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"must be a \.safetensors file"):
@@ -107,7 +107,10 @@ def test_task_network_loads_pretrained_weights_or_stays_random(tmp_path):
     torch.testing.assert_close(task.encoder.vit.blocks[1].mlp.fc2.weight, mae.encoder.vit.blocks[1].mlp.fc2.weight)
     scratch = TinyTask({"sax": VIEWS["sax"]})
     before = scratch.encoder.vit.blocks[1].mlp.fc2.weight.clone()
-    torch.testing.assert_close(scratch.load_pretrained(None).encoder.vit.blocks[1].mlp.fc2.weight, before)
+    for nothing in (None, False, ""):
+        torch.testing.assert_close(scratch.load_pretrained(nothing).encoder.vit.blocks[1].mlp.fc2.weight, before)
+    with pytest.raises(CheckpointError, match="pretrained must be a checkpoint path, or False / None"):
+        scratch.load_pretrained(True)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "linear_probe"])
@@ -195,10 +198,10 @@ def test_select_labelled_is_seeded_nested_and_keeps_order():
     ("datalist", "count", "message"),
     [
         ([], None, "the labelled set is empty"),
-        (["a", "b"], 0, r"num_labelled=0 leaves the labelled set empty; use 1\.\.2 or null for all"),
+        (["a", "b"], 0, r"num_labelled=0 leaves the labelled set empty; use 1\.\.2 or None for all"),
         (["a", "b"], 3, r"num_labelled=3 is outside 1\.\.2"),
-        (["a", "b"], 1.5, "num_labelled must be an integer or null"),
-        (["a", "b"], True, "num_labelled must be an integer or null"),
+        (["a", "b"], 1.5, "num_labelled must be an integer or None"),
+        (["a", "b"], True, "num_labelled must be an integer or None"),
     ],
 )
 def test_select_labelled_errors(datalist, count, message):
