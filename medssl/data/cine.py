@@ -57,6 +57,7 @@ __all__ = [
     "CINE_VIEWS",
     "INTENSITY_PERCENTILES",
     "LABEL_SUFFIX",
+    "METADATA_KEY",
     "label_key",
     "load_cine_datalist",
     "RandCardiacPhased",
@@ -69,6 +70,8 @@ LAX_VIEWS = ("lax_2c", "lax_4c")
 CINE_VIEWS = (SAX_VIEW, *LAX_VIEWS)
 INTENSITY_PERCENTILES = (0.95, 99.5)
 LABEL_SUFFIX = "_label"
+METADATA_KEY = "metadata"
+METADATA_FILE = "metadata.json"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _EXPECTED_LAYOUT = (
     "expected a manifest.json, subject folders containing sax.nii.gz (+ optional lax_2c.nii.gz, lax_4c.nii.gz), "
@@ -117,6 +120,7 @@ def _items_from_folder(folder: Path) -> list[dict[str, Any]]:
         items = []
         for subject in subject_folders:
             files = {key: _view_file(subject, key) for view in CINE_VIEWS for key in (view, label_key(view))}
+            files[METADATA_KEY] = subject / METADATA_FILE if (subject / METADATA_FILE).is_file() else None
             items.append({key: str(path) for key, path in files.items() if path is not None})
         return items
     files = {_nifti_stem(path): path for path in sorted(folder.iterdir()) if _is_nifti(path)}
@@ -142,7 +146,7 @@ def _check_cine_shape(path: str, view: str) -> tuple[int, ...]:
 
 
 def load_cine_datalist(
-    source: str | os.PathLike, views: Sequence[str] = CINE_VIEWS, labels: bool = False
+    source: str | os.PathLike, views: Sequence[str] = CINE_VIEWS, labels: bool = False, metadata: bool = False
 ) -> list[dict[str, str]]:
     """List the cine NIfTI files of every subject of a data source, checked for presence and dimensions.
 
@@ -154,10 +158,13 @@ def load_cine_datalist(
             (``sax.nii.gz`` + optional ``lax_2c.nii.gz`` / ``lax_4c.nii.gz``), or a flat folder of 4-D SAX cines.
         views: views every subject must provide, a subset of ``("sax", "lax_2c", "lax_4c")``.
         labels: also list each view's segmentation label ``<view>_label`` (a 4-D file of the image's shape).
+        metadata: also list each subject's ``metadata.json`` (the phantom generator's targets: exact volumes and
+            EF, disease group, landmarks) under ``"metadata"``; the manifest key ``"metadata"`` or a
+            ``metadata.json`` in the subject folder.
 
     Returns:
         one dict per subject, ``{view: absolute NIfTI path}`` for each requested view, plus
-        ``{"<view>_label": path}`` with ``labels``.
+        ``{"<view>_label": path}`` with ``labels`` and ``{"metadata": path}`` with ``metadata``.
 
     Raises:
         DataError: when the source does not exist, holds no NIfTI files, a subject lacks a requested view (or its
@@ -193,6 +200,8 @@ def load_cine_datalist(
                         f"label {entry[key]} has shape {label_shape} but its image {entry[view]} has {shape}; "
                         "a label must have one value per image voxel and frame."
                     )
+        if metadata and item.get(METADATA_KEY):
+            _listed_file(item[METADATA_KEY], path, "subject metadata", entry, METADATA_KEY)
         datalist.append(entry)
     for view in views:
         for key, what in ((view, "image"), *(((label_key(view), "label"),) if labels else ())):
@@ -202,6 +211,12 @@ def load_cine_datalist(
                     f"{len(lacking)} of {len(items)} subjects in {path} have no '{view}' {what} (first: subject "
                     f"#{lacking[0]}); add the file ('{key}') or remove '{view}' from the bundle's 'views'."
                 )
+    lacking = [index for index, entry in enumerate(datalist) if metadata and METADATA_KEY not in entry]
+    if lacking:
+        raise DataError(
+            f"{len(lacking)} of {len(items)} subjects in {path} have no {METADATA_FILE} with their targets (first: "
+            f"subject #{lacking[0]}); list it in the manifest ('{METADATA_KEY}') or put it in the subject folder."
+        )
     return datalist
 
 

@@ -242,3 +242,25 @@ def test_label_must_have_its_images_shape(tmp_path):
     with pytest.raises(DataError, match=r"sax_label\.nii\.gz has shape \(20, 20, 5, 3\) but its image .* has "
                                         r"\(20, 20, 5, 4\)"):
         load_cine_datalist(tmp_path, views=["sax"], labels=True)
+
+
+def test_subject_metadata_is_listed_on_request(tmp_path):
+    write_subject(tmp_path / "subjects" / "a", lax=False)
+    (tmp_path / "subjects" / "a" / "metadata.json").write_text(json.dumps({"lv_ef_pct": 60.0}))
+    [entry] = load_cine_datalist(tmp_path / "subjects", views=["sax"], metadata=True)
+    assert entry["metadata"] == str((tmp_path / "subjects" / "a" / "metadata.json").resolve())
+    assert "metadata" not in load_cine_datalist(tmp_path / "subjects", views=["sax"])[0]
+
+    write_subject(tmp_path / "listed" / "s", lax=False)
+    manifest = {"training": [{"sax": "s/sax.nii.gz", "metadata": "s/targets.json"}]}
+    (tmp_path / "listed" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"subject metadata .*targets\.json listed in .*manifest\.json does not exist"):
+        load_cine_datalist(tmp_path / "listed", views=["sax"], metadata=True)
+    (tmp_path / "listed" / "s" / "targets.json").write_text("{}")
+    assert load_cine_datalist(tmp_path / "listed", views=["sax"], metadata=True)[0]["metadata"].endswith("targets.json")
+
+
+def test_missing_subject_metadata_is_named(tmp_path):
+    write_subject(tmp_path / "a", lax=False)
+    with pytest.raises(DataError, match=r"1 of 1 subjects .* have no metadata\.json with their targets"):
+        load_cine_datalist(tmp_path, views=["sax"], metadata=True)
