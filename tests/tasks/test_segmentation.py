@@ -216,6 +216,37 @@ def test_lax_cines_are_segmented_in_2d():
         predictor().predict(cine_of(label, np.eye(4)), "lax_2c")
 
 
+class CountingOracle(IntensityOracle):
+    """The oracle, counting the windows it is shown."""
+
+    windows = 0
+
+    def forward(self, x, view):
+        self.windows += x.shape[0]
+        return super().forward(x, view)
+
+
+def test_later_frames_are_segmented_around_the_heart_of_the_first():
+    label = np.zeros((96, 96, 5, 3), np.uint8)
+    label[30:70, 40:76, :, :2] = block_labels((40, 36, 5), frames=2)
+    label[30:70, 40:76, :, 2] = block_labels((40, 36, 5), frames=1)[..., 0]
+    label[0:4, 0:4, :, 1] = 1  # far from the heart of frame 0: outside the region the later frames are searched in
+    cine = cine_of(label, oblique_affine((SPACING, SPACING, 8.0)))
+    counters = {margin: CountingOracle() for margin in (None, 3.0)}
+    predictions = {
+        margin: CineSegmentationPredictor(oracle, GEOMETRY, roi_margin_mm=margin, largest_component=False).predict(
+            cine, "sax")
+        for margin, oracle in counters.items()
+    }
+    expected = label.copy()
+    np.testing.assert_array_equal(predictions[None], expected)
+    expected[0:4, 0:4, :, 1] = 0
+    np.testing.assert_array_equal(predictions[3.0], expected)
+    assert counters[3.0].windows < counters[None].windows / 2
+    with pytest.raises(ValueError, match=r"roi_margin_mm must be >= 0 mm or None, got -1"):
+        CineSegmentationPredictor(IntensityOracle(), GEOMETRY, roi_margin_mm=-1)
+
+
 def save(path, array, affine):
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(array, affine), str(path))
