@@ -7,10 +7,11 @@ Bundles live in ``bundles/<recipe>`` at the repository root, next to the ``medss
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from monai.bundle.utils import ID_SEP_KEY
 import medssl
 from medssl.errors import ConfigError, MedsslError
 
-__all__ = ["BUNDLES_ENV", "bundles_root", "bundle_dir", "validate_overrides", "run_bundle"]
+__all__ = ["BUNDLES_ENV", "bundles_root", "bundle_dir", "validate_overrides", "run_bundle", "parse_bundle_item"]
 
 BUNDLES_ENV = "MEDSSL_BUNDLES"
 _DEFAULT_CONFIG = "configs/train.json"
@@ -90,6 +91,64 @@ def _user_error(error: BaseException) -> MedsslError | None:
     return None
 
 
+def _read_configs(
+    recipe: str, config_files: Sequence[str] | None, overrides: Mapping[str, Any] | None
+) -> tuple[list[Path], ConfigParser, dict[str, Any]]:
+    """A bundle's config files (checked), merged and parsed, and the validated overrides (with ``bundle_root``)."""
+    root = bundle_dir(recipe)
+    files = [root / name for name in (config_files or [_DEFAULT_CONFIG])]
+    absent = [str(path) for path in files if not path.is_file()]
+    if absent:
+        raise ConfigError(f"bundle '{recipe}' has no config file {', '.join(absent)}.")
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in files])
+    overrides = dict(overrides or {})
+    validate_overrides(parser, overrides, recipe)
+    if "bundle_root" in parser:
+        overrides.setdefault("bundle_root", str(root))
+    return files, parser, overrides
+
+
+@contextlib.contextmanager
+def _unwrapped_user_errors() -> Iterator[None]:
+    """Re-raise a user error (bad data, bad checkpoint) that MONAI wrapped while evaluating a config expression."""
+    try:
+        yield
+    except Exception as e:
+        user_error = _user_error(e)
+        if user_error is not None:
+            # Its own traceback still points into the config expression that raised it.
+            raise user_error from None
+        raise
+
+
+def parse_bundle_item(
+    recipe: str, item: str, config_files: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Any:
+    """Instantiate one item of a bundle's configs (a network, a predictor, a data list) without running it.
+
+    Args:
+        recipe: bundle name, e.g. ``"cine_seg"``.
+        item: the config id, e.g. ``"predictor"`` or ``"network_def"``.
+        config_files: config files relative to the bundle folder (merged in order); default
+            ``["configs/train.json"]``.
+        overrides: config id -> value, validated as for :func:`run_bundle`.
+
+    Returns:
+        the parsed, instantiated content of ``item``.
+
+    Raises:
+        ConfigError: for an unknown bundle, config file, override key or item.
+        DataError, CheckpointError: from instantiating it.
+    """
+    _, parser, overrides = _read_configs(recipe, config_files, overrides)
+    if item not in parser:
+        raise ConfigError(f"bundle '{recipe}' has no config item '{item}'.")
+    parser.update(overrides)
+    with _unwrapped_user_errors():
+        return parser.get_parsed_content(item)
+
+
 def run_bundle(
     recipe: str, config_files: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -112,30 +171,13 @@ def run_bundle(
         ConfigError: for an unknown bundle or override key, or a missing config file.
         DataError, CheckpointError: from the run, unwrapped from MONAI's config-evaluation errors.
     """
-    root = bundle_dir(recipe)
-    files = [root / name for name in (config_files or [_DEFAULT_CONFIG])]
-    absent = [str(path) for path in files if not path.is_file()]
-    if absent:
-        raise ConfigError(f"bundle '{recipe}' has no config file {', '.join(absent)}.")
-    parser = ConfigParser()
-    parser.read_config([str(path) for path in files])
-    overrides = dict(overrides or {})
-    validate_overrides(parser, overrides, recipe)
-    if "bundle_root" in parser:
-        overrides.setdefault("bundle_root", str(root))
-
+    files, parser, overrides = _read_configs(recipe, config_files, overrides)
     # metadata.json and logging.conf are read from the first config file's folder, as the MONAI CLI does.
     workflow = ConfigWorkflow(config_file=[str(path) for path in files], workflow_type="train", **overrides)
-    try:
+    with _unwrapped_user_errors():
         workflow.initialize()
         workflow.run()
         workflow.finalize()
-    except Exception as e:
-        user_error = _user_error(e)
-        if user_error is not None:
-            # Its own traceback still points into the config expression that raised it.
-            raise user_error from None
-        raise
     run_dir = Path(workflow.parser.get_parsed_content("run_dir"))
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():

@@ -50,6 +50,7 @@ __all__ = [
     "CineSegmentationPredictor",
     "evaluate_segmentation",
     "segment_folder",
+    "load_segmentation_predictor",
 ]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -543,3 +544,28 @@ def segment_folder(
         labels, source = predictor.predict_file(path, view)
         written.append(_save_labels(labels, source, output_dir / f"{_nifti_stem(path.name)}_seg.nii.gz"))
     return written
+
+
+def load_segmentation_predictor(
+    run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+) -> CineSegmentationPredictor:
+    """The predictor of a trained ``cine_seg`` run, built from the bundle's ``inference.json``.
+
+    Args:
+        run_dir: the run folder (``<run_dir>/models/model.safetensors`` holds the weights).
+        overrides: the network overrides the run was trained with (``views``, ``model``, ``finetune_mode``,
+            ``inference``), as for ``inference.json`` on the command line.
+
+    Returns:
+        the predictor, its network in eval mode on the config's device.
+
+    Raises:
+        CheckpointError: when the run has no weights or they do not fit the network.
+        ConfigError: for an unknown override key.
+    """
+    from medssl.engine.bundles import parse_bundle_item
+
+    overrides = {**(overrides or {}), "run_dir": str(run_dir)}
+    predictor = parse_bundle_item("cine_seg", "predictor", ["configs/inference.json"], overrides)
+    predictor.network.eval()
+    return predictor

@@ -7,7 +7,14 @@ import pytest
 from monai.bundle import ConfigParser
 
 import medssl
-from medssl.engine.bundles import BUNDLES_ENV, bundle_dir, bundles_root, run_bundle, validate_overrides
+from medssl.engine.bundles import (
+    BUNDLES_ENV,
+    bundle_dir,
+    bundles_root,
+    parse_bundle_item,
+    run_bundle,
+    validate_overrides,
+)
 from medssl.errors import ConfigError, DataError
 
 
@@ -85,3 +92,23 @@ def test_user_errors_raised_inside_config_expressions_come_out_unwrapped(tmp_pat
         run_bundle("data", overrides={"dataset_dir": str(tmp_path / "empty")})
     with pytest.raises(DataError, match="missing does not exist"):
         run_bundle("data", overrides={"dataset_dir": str(tmp_path / "missing")})
+
+
+def test_parse_bundle_item_instantiates_one_item_without_running(tmp_path, monkeypatch):
+    config = {
+        "imports": ["$import medssl", "$import medssl.data.cine"],
+        "dataset_dir": None,
+        "size": 2,
+        "shape": "$[@size] * 3",
+        "datalist": "$medssl.data.cine.load_cine_datalist(@dataset_dir)",
+        "run": ["$1 / 0"],
+    }
+    write_bundle(tmp_path, "items", config)
+    monkeypatch.setenv(BUNDLES_ENV, str(tmp_path))
+    assert parse_bundle_item("items", "shape", overrides={"size": 4}) == [4, 4, 4]
+    with pytest.raises(ConfigError, match="bundle 'items' has no config item 'network'"):
+        parse_bundle_item("items", "network")
+    with pytest.raises(ConfigError, match="Did you mean 'size'"):
+        parse_bundle_item("items", "shape", overrides={"sise": 4})
+    with pytest.raises(DataError, match="missing does not exist"):
+        parse_bundle_item("items", "datalist", overrides={"dataset_dir": str(tmp_path / "missing")})

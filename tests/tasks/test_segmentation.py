@@ -12,7 +12,7 @@ from torch import nn
 
 from medssl.data.cine_labelled import parse_segmentation_views
 from medssl.engine.checkpoints import save_network_weights
-from medssl.errors import DataError
+from medssl.errors import CheckpointError, DataError
 from medssl.methods.cine_mae import CineMAE
 from medssl.nets.patch_embed import ViewSpec
 from medssl.nets.unetr import UNETRDecoder
@@ -23,6 +23,7 @@ from medssl.tasks.segmentation import (
     ed_es_frames,
     evaluate_segmentation,
     keep_largest_components,
+    load_segmentation_predictor,
     segment_folder,
     segmentation_metrics,
 )
@@ -316,3 +317,20 @@ def test_evaluation_rejects_bad_labels(tmp_path):
         evaluate_segmentation(sax_only, [])
     with pytest.raises(ValueError, match="frames must be 'ed_es' or 'all'"):
         evaluate_segmentation(sax_only, [item], frames="es")
+
+
+def test_a_trained_run_loads_as_a_predictor(tmp_path):
+    views = {"sax": {"image_size": [16, 16, 4], "spacing": [SPACING, SPACING, None], "patch_size": [8, 8, 1]}}
+    model = {"embed_dim": 12, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_embed": "linear",
+             "drop_path_rate": 0.0, "feature_size": 2}
+    overrides = {"views": views, "model": model, "inference": {"sw_batch_size": 2, "overlap": 0.25}}
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_segmentation_predictor(tmp_path / "run", overrides)
+    trained = ViTSegmenter({"sax": {"image_size": (16, 16, 4), "patch_size": (8, 8, 1)}}, num_classes=4, **model)
+    save_network_weights(trained, tmp_path / "run" / "models" / "model.safetensors")
+    predictor = load_segmentation_predictor(tmp_path / "run", overrides)
+    assert isinstance(predictor, CineSegmentationPredictor) and list(predictor.views) == ["sax"]
+    assert not predictor.network.training
+    for name, value in trained.state_dict().items():
+        assert torch.equal(predictor.network.state_dict()[name], value), name
+    assert predictor.predict(cine_of(block_labels((20, 20, 4), 2), np.eye(4)), "sax").shape == (20, 20, 4, 2)
