@@ -1,5 +1,5 @@
 # medssl: the two commands of the README's quick start, each doing its own set-up.
-#   make demo   generate a synthetic cine CMR cohort and pre-train a small cine MAE, tracked in MLflow
+#   make demo   synthetic cine CMR cohort -> cine MAE pre-training -> few-label segmentation fine-tuning -> Dice, LVEF error
 #   make test   run the test suite
 # The install steps below are mirrored by docker/Dockerfile and docker/Dockerfile.cuda
 # (tests/test_install.py keeps them in step).

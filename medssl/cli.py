@@ -8,6 +8,7 @@ traceback and exit with status 2; ``--debug`` shows the traceback of anything el
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -22,6 +23,24 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
 PRETRAIN_RECIPES = ("cine_mae",)
+FINETUNE_CONFIGS = ("configs/train.json", "configs/evaluate.json")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as the commands' own errors are; help text may be computed
+    when asked for (``help_epilog``), so listing the bundles costs nothing on every other call."""
+
+    def __init__(self, *args, help_epilog: Callable[[], str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_epilog = help_epilog
+
+    def format_help(self) -> str:
+        if self.help_epilog is not None:
+            self.epilog = self.help_epilog()
+        return super().format_help()
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _integer_at_least(minimum: int, name: str) -> Callable[[str], int]:
@@ -43,6 +62,34 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
+def _labelled_count(text: str) -> int | None:
+    """``--labelled``: a positive number of labelled subjects, or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def _labelled_counts(text: str) -> list[int | None]:
+    """``--labelled 1,2,4,8,all``: comma-separated counts of labelled subjects; ``all`` is None. The values are
+    checked against the data by the study (0 or more than there are subjects is its error to report)."""
+    counts = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.lower() == "all":
+            counts.append(None)
+            continue
+        try:
+            counts.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers of labelled subjects or 'all' (e.g. 1,2,4,8,all), got {text!r}"
+            ) from None
+    return counts
+
+
 def _override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -62,17 +109,27 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- pretrain
-def _pretrain_overrides(args: argparse.Namespace) -> dict:
+# ------------------------------------------------------------------------------------------------- bundle overrides
+# Command-line option -> bundle config key, for whichever of them a command has.
+_OPTION_KEYS = {
+    "data": "dataset_dir",
+    "eval_data": "eval_dataset_dir",
+    "epochs": "epochs",
+    "subjects": "num_subjects",
+    "labelled": "num_labelled",
+    "seed": "seed",
+    "run_dir": "run_dir",
+}
+_PATH_OPTIONS = ("data", "eval_data", "run_dir")
+
+
+def _bundle_overrides(args: argparse.Namespace) -> dict:
+    """Bundle config overrides from a command's options; ``--set KEY=VALUE`` comes last and wins."""
     overrides: dict = {}
-    if args.data is not None:
-        overrides["dataset_dir"] = str(Path(args.data).resolve())
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.subjects is not None:
-        overrides["num_subjects"] = args.subjects
-    if args.run_dir is not None:
-        overrides["run_dir"] = str(Path(args.run_dir).resolve())
+    for option, key in _OPTION_KEYS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[key] = str(Path(value).resolve()) if option in _PATH_OPTIONS else value
     for key, value in args.set or ():
         overrides[key] = _parse_value(value)
     return overrides
@@ -80,14 +137,13 @@ def _pretrain_overrides(args: argparse.Namespace) -> dict:
 
 def _parse_value(text: str):
     """Read a ``--set`` value as JSON when it is JSON (numbers, lists, booleans), else keep the string."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
 
 
+# ---------------------------------------------------------------------------------------------------------- pretrain
 def _print_run_summary(summary: dict) -> None:
     run_dir = summary.get("run_dir")
     print("")
@@ -97,34 +153,177 @@ def _print_run_summary(summary: dict) -> None:
     if summary.get("figure"):
         print(f"reconstruction:    {summary['figure']}")
     if summary.get("tracking_uri"):
-        print(f"MLflow store:      {summary['tracking_uri']}  (run {summary.get('run_id', '?')})")
-        if str(summary["tracking_uri"]).startswith("sqlite:"):
-            print(f"open the MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+        _print_tracking(summary["tracking_uri"], f"run {summary.get('run_id', '?')}")
+
+
+def _print_tracking(uri: str, what: str) -> None:
+    print(f"MLflow store:      {uri}  ({what})")
+    if str(uri).startswith("sqlite:"):
+        print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri}")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from medssl.engine.bundles import run_bundle
 
-    summary = run_bundle(args.recipe, overrides=_pretrain_overrides(args))
+    summary = run_bundle(args.recipe, overrides=_bundle_overrides(args))
     _print_run_summary(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- finetune
+def _one_line_about(bundle: Path) -> str:
+    """A bundle in one line: its metadata's ``name``, else the first sentence of its ``description``."""
+    try:
+        metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(metadata.get("name") or str(metadata.get("description", "")).split(". ")[0]).strip()
+
+
+def finetune_recipes() -> dict[str, str]:
+    """The fine-tuning recipes: bundles whose ``configs/train.json`` has a ``pretrained`` key, with one line each.
+
+    Returns:
+        recipe name -> one-line description, sorted by name (empty when the bundles folder is missing).
+    """
+    from medssl.engine.bundles import bundles_root
+
+    root = bundles_root()
+    recipes = {}
+    for bundle in sorted(root.iterdir()) if root.is_dir() else ():
+        try:
+            train = json.loads((bundle / FINETUNE_CONFIGS[0]).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(train, dict) and "pretrained" in train:
+            recipes[bundle.name] = _one_line_about(bundle)
+    return recipes
+
+
+def _finetune_epilog() -> str:
+    recipes = finetune_recipes()
+    width = max(map(len, recipes), default=0)
+    listed = "\n".join(f"  {name:<{width}}  {about}" for name, about in recipes.items()) or "  (none found)"
+    return (
+        f"recipes:\n{listed}\n\nexamples:\n"
+        "  medssl pretrain cine_mae --run-dir runs/cine_mae\n"
+        "  medssl finetune cine_seg --pretrained runs/cine_mae/models/model.safetensors --labelled 4\n"
+        "  medssl finetune cine_seg --scratch --epochs 20 --run-dir runs/cine_seg_scratch"
+    )
+
+
+def _finetune_recipe(recipe: str) -> Path:
+    """The folder of a fine-tuning recipe; raises ConfigError listing the known recipes for any other name."""
+    import difflib
+
+    from medssl.engine.bundles import bundle_dir
+    from medssl.errors import ConfigError
+
+    recipes = finetune_recipes()
+    if recipe not in recipes:
+        close = difflib.get_close_matches(recipe, list(recipes), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown fine-tuning recipe '{recipe}'.{hint} Known: {', '.join(recipes) or 'none'}.")
+    return bundle_dir(recipe)
+
+
+def _pretrained_checkpoint(args: argparse.Namespace, bundle: Path) -> str | bool | None:
+    """The ``pretrained`` override: False with ``--scratch``, else the checkpoint (``--pretrained`` or the recipe's
+    default), checked to exist before any data is generated; None leaves a computed default to the bundle."""
+    from medssl.errors import CheckpointError
+
+    if args.scratch:
+        return False
+    path = args.pretrained
+    if path is None:
+        default = json.loads((bundle / FINETUNE_CONFIGS[0]).read_text())["pretrained"]
+        if not isinstance(default, str) or not default or default[0] in "$@%":
+            return None
+        path = Path(default)
+    path = Path(path).resolve()
+    if not path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "models" else Path("runs/cine_mae").resolve()
+        raise CheckpointError(
+            f"pretrained checkpoint {path} does not exist. Make one with `medssl pretrain cine_mae --run-dir "
+            f"{run_dir}` (it writes {run_dir / 'models' / 'model.safetensors'}) and pass it with --pretrained, "
+            "or train from scratch with --scratch."
+        )
+    return str(path)
+
+
+def _print_evaluation(evaluation: dict) -> None:
+    metrics = evaluation.get("metrics", {})
+    width = max(map(len, metrics), default=0)
+    print("")
+    print(f"held-out evaluation ({evaluation.get('num_rows', '?')} rows, per item in {evaluation.get('csv')}):")
+    for name, value in metrics.items():
+        print(f"  {name:<{width}}  {value:.4f}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from medssl.engine.bundles import run_bundle
+
+    bundle = _finetune_recipe(args.recipe)
+    overrides = _bundle_overrides(args)
+    if "pretrained" not in overrides:
+        pretrained = _pretrained_checkpoint(args, bundle)
+        if pretrained is not None:
+            overrides["pretrained"] = pretrained
+    summary = run_bundle(args.recipe, FINETUNE_CONFIGS[:1], overrides)
+    if not args.no_evaluate:
+        summary = run_bundle(args.recipe, FINETUNE_CONFIGS, overrides)
+        _print_evaluation(summary["evaluation"])
+    _print_run_summary(summary)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- study
+def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medssl.studies.label_efficiency import DEFAULT_SETTINGS, QUICK_SETTINGS, run_label_efficiency_study
+
+    settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
+    chosen = {"seeds": args.seeds, "labelled": None if args.labelled is None else tuple(args.labelled)}
+    settings = dataclasses.replace(settings, **{key: value for key, value in chosen.items() if value is not None})
+    result = run_label_efficiency_study(args.out, settings, pretrained=args.pretrained, progress=not args.quiet)
+    print("")
+    print(result["table"])
+    print("")
+    print(f"table:             {result['csv']}")
+    print(f"                   {result['markdown']}")
+    print(f"figure:            {result['figure']}")
+    _print_tracking(result["tracking_uri"], f"experiment {result['experiment_name']}")
     return 0
 
 
 # -------------------------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medssl.engine.bundles import run_bundle
+    from medssl.demo import DemoSettings, run_demo
 
     run_dir = Path(args.run_dir).resolve()
-    print(f"medssl demo: synthetic cine CMR cohort -> cine MAE pre-training, in {run_dir}")
-    overrides = {"run_dir": str(run_dir / "cine_mae"), "num_subjects": args.subjects, "epochs": args.epochs}
-    summary = run_bundle("cine_mae", overrides=overrides)
-    _print_run_summary(summary)
+    settings = DemoSettings(
+        subjects=args.subjects,
+        pretrain_epochs=args.epochs,
+        labelled=args.labelled,
+        finetune_epochs=args.finetune_epochs,
+        eval_subjects=args.eval_subjects,
+    )
+    print(f"medssl demo: synthetic cine CMR -> MAE pre-training -> few-label segmentation -> EF, in {run_dir}")
+    result = run_demo(run_dir, settings)
+    _print_run_summary(result["pretrain"])
+    dice = ", ".join(f"{name} {value:.3f}" for name, value in result["dice"].items())
+    print("")
+    print(f"held-out SAX Dice ({settings.eval_subjects} subjects, ED and ES, {settings.labelled} labelled):  {dice}")
+    print(f"held-out LVEF error from the segmentation of the whole cycle:  {result['lvef_mae']:.1f} EF points (mean)")
+    print(f"fine-tuning run:   {run_dir / 'cine_seg'}")
+    print(f"open the MLflow UI on both runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="medssl",
         description="Self-supervised pre-training and label-efficient fine-tuning for medical images.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               medssl phantom --subjects 20 --seed 0 --out cohort --dicom
               medssl pretrain cine_mae --epochs 5 --run-dir runs/cine_mae
+              medssl finetune cine_seg --pretrained runs/cine_mae/models/model.safetensors --labelled 4
+              medssl study label-efficiency --quick
               medssl demo
             """
         ),
@@ -172,14 +373,94 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.set_defaults(handler=_cmd_pretrain)
 
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a pretrained encoder on a task bundle, then evaluate it on a held-out cohort",
+        description=textwrap.fill(
+            "Run a fine-tuning recipe (a MONAI bundle under bundles/<recipe>): train from a pre-training checkpoint "
+            "(or from scratch) on all or N labelled subjects, then evaluate on a held-out cohort and log the metrics "
+            "into the same MLflow run. Without --data / --eval-data it uses generated synthetic cohorts.",
+            width=100,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help_epilog=_finetune_epilog,
+    )
+    finetune.add_argument("recipe", help="recipe name (listed below)")
+    initialisation = finetune.add_mutually_exclusive_group()
+    initialisation.add_argument(
+        "--pretrained", type=Path, default=None, metavar="CKPT",
+        help="pre-training checkpoint (*.safetensors; default: the recipe's, runs/cine_mae/models/model.safetensors)",
+    )
+    initialisation.add_argument("--scratch", action="store_true", help="train from a random initialisation")
+    finetune.add_argument(
+        "--labelled", type=_labelled_count, default=None, metavar="N",
+        help="labelled subjects to train on, or 'all' (default all)",
+    )
+    finetune.add_argument("--epochs", type=_positive_int, default=None, metavar="N", help="training epochs")
+    finetune.add_argument(
+        "--data", type=Path, default=None, metavar="DIR", help="labelled training data: a NIfTI folder or manifest"
+    )
+    finetune.add_argument(
+        "--eval-data", type=Path, default=None, metavar="DIR", help="labelled held-out data for the evaluation"
+    )
+    finetune.add_argument(
+        "--run-dir", type=Path, default=None, metavar="DIR", help="run folder (weights, metrics, MLflow store)"
+    )
+    finetune.add_argument(
+        "--seed", type=_non_negative_int, default=None, metavar="S", help="seed of the labelled subset and training"
+    )
+    finetune.add_argument(
+        "--set", type=_override, action="append", metavar="KEY=VALUE", help="any other bundle config key (repeatable)"
+    )
+    finetune.add_argument("--no-evaluate", action="store_true", help="train only")
+    finetune.set_defaults(handler=_cmd_finetune)
+
+    study = commands.add_parser(
+        "study", help="run a study (many trainings, one table and figure)", description="Run a study."
+    )
+    studies = study.add_subparsers(dest="study", metavar="STUDY", required=True)
+    label_efficiency = studies.add_parser(
+        "label-efficiency",
+        help="cine segmentation and LVEF from scratch vs MAE-pretrained, by number of labelled subjects",
+        description="Fine-tune cine_seg from scratch and from the cine_mae encoder on 1, 2, 4, 8 and all labelled "
+        "subjects, several seeds each, evaluate every run on one held-out phantom cohort (SAX Dice per structure; "
+        "LVEF from the segmentation of the whole cycle vs the exact EF), and write a CSV, a markdown table and a "
+        "figure. Every run is logged to one MLflow experiment; an interrupted study resumes where it stopped.",
+    )
+    label_efficiency.add_argument(
+        "--out", type=Path, default=Path("runs/label_efficiency"), help="study folder (default runs/label_efficiency)"
+    )
+    label_efficiency.add_argument("--quick", action="store_true", help="tiny sizes: a 1-2 minute check of the pipeline")
+    label_efficiency.add_argument(
+        "--seeds", type=_positive_int, default=None, metavar="N", help="seeds per setting (default 3; 2 with --quick)"
+    )
+    label_efficiency.add_argument(
+        "--labelled", type=_labelled_counts, default=None, metavar="N,N,...",
+        help="numbers of labelled subjects (default 1,2,4,8,all; 1,2,all with --quick)",
+    )
+    label_efficiency.add_argument(
+        "--pretrained", type=Path, default=None, metavar="CKPT",
+        help="cine_mae checkpoint (default: pre-train one in the study folder, or reuse it)",
+    )
+    label_efficiency.add_argument("--quiet", action="store_true", help="no progress bars")
+    label_efficiency.set_defaults(handler=_cmd_study_label_efficiency)
+
     demo = commands.add_parser(
         "demo",
         help="the end-to-end demo on synthetic data (what `make demo` runs)",
-        description="Generate a synthetic cine CMR cohort and pre-train a small cine MAE on it, tracked in MLflow.",
+        description="Generate a synthetic cine CMR cohort, pre-train a small cine MAE on it, fine-tune segmentation "
+        "with a few labelled subjects and report held-out Dice and LVEF error; both runs tracked in one MLflow store.",
     )
     demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
     demo.add_argument("--subjects", type=_positive_int, default=16, help="cohort size (default 16)")
     demo.add_argument("--epochs", type=_positive_int, default=80, help="pre-training epochs (default 80)")
+    demo.add_argument("--labelled", type=_positive_int, default=4, help="labelled subjects to fine-tune on (default 4)")
+    demo.add_argument(
+        "--finetune-epochs", type=_positive_int, default=30, help="segmentation fine-tuning epochs (default 30)"
+    )
+    demo.add_argument(
+        "--eval-subjects", type=_positive_int, default=4, help="held-out subjects to evaluate on (default 4)"
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -192,20 +473,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
+    command = " ".join(name for name in (args.command, getattr(args, "study", None)) if name)
     try:
         return handler(args)
     except MedsslError as error:
-        print(f"medssl {args.command}: error: {error}", file=sys.stderr)
+        print(f"medssl {command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"medssl {args.command}: interrupted", file=sys.stderr)
+        print(f"medssl {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug, not bad input: keep the console readable unless asked
         if args.debug:
             raise
         print(
-            f"medssl {args.command}: unexpected {type(error).__name__}: {error}\n"
-            f"rerun with `medssl --debug {args.command} ...` for the traceback",
+            f"medssl {command}: unexpected {type(error).__name__}: {error}\n"
+            f"rerun with `medssl --debug {command} ...` for the traceback",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
