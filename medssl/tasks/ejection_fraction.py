@@ -7,22 +7,36 @@ and EDV, ESV, SV and EF follow (:mod:`medssl.clinical.cardiac`). CineMA evaluate
 segmentations (Fu et al., 2025, https://arxiv.org/abs/2506.00679). Scores are absolute errors in EF points against the
 exact EF the phantom generator computed from its analytic anatomy (``metadata.json``), not against label voxel
 counts, so the partial-volume error of the stack itself counts against the method.
+
+By direct regression (CineMA's second route): the ED and ES SAX frames as two channels
+(:mod:`medssl.data.cine_phases`) go through a standardised
+:class:`~medssl.tasks.image_level.ImageLevelNetwork` that outputs LVEF and RVEF in %, trained with a smooth-L1 loss on
+z-scored targets; it is scored the same way (:func:`evaluate_ef_regression`). Folders of NIfTI cines are measured by
+:func:`~medssl.tasks.image_level.predict_folder` with :func:`target_columns`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
+from torch import Tensor, nn
 
 from medssl.clinical.cardiac import CardiacFunction, cardiac_function, ventricular_volumes
 from medssl.data.cine import METADATA_KEY, SAX_VIEW, label_key
+from medssl.data.cine_labelled import SegmentationView
+from medssl.data.cine_phases import cine_phase_datalist
+from medssl.engine.bundles import parse_bundle_item
 from medssl.errors import DataError
+from medssl.tasks.image_level import predict_phases
 from medssl.tasks.segmentation import CineSegmentationPredictor, as_cine
 
 __all__ = [
@@ -33,10 +47,22 @@ __all__ = [
     "mean_abs_error",
     "evaluate_function_from_segmentation",
     "evaluate_function_from_reference_labels",
+    "EF_TARGETS",
+    "REGRESSION_TARGET_KEY",
+    "ef_regression_items",
+    "regression_targets",
+    "evaluate_ef_regression",
+    "evaluate_function_with_segmentation_bundle",
+    "target_columns",
 ]
 
 FUNCTION_TARGETS = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct")
 """Quantities scored against a subject's exact values (metadata keys of the same names)."""
+EF_TARGETS = ("lv_ef_pct", "rv_ef_pct")
+"""What the direct regression predicts by default: LVEF and RVEF in % (metadata keys of the same names)."""
+REGRESSION_TARGET_KEY = "target"
+"""Key of a regression sample's ``[K]`` float32 targets."""
+logger = logging.getLogger(__name__)
 
 
 def function_from_labels(labels: np.ndarray, affine: np.ndarray | Any) -> CardiacFunction:
@@ -182,3 +208,143 @@ def mean_abs_error(rows: Sequence[Mapping[str, Any]], key: str = "lv_ef_pct") ->
     """Mean absolute error of ``key`` over rows, skipping values that could not be measured (NaN)."""
     errors = [row[f"{key}_abs_error"] for row in rows if math.isfinite(row[f"{key}_abs_error"])]
     return float(np.mean(errors)) if errors else math.nan
+
+
+# Direct regression from the ED and ES frames (CineMA's second route).
+
+
+def ef_regression_items(
+    datalist: Sequence[Mapping[str, str]], targets: Sequence[str] = EF_TARGETS, view: str = SAX_VIEW
+) -> list[dict[str, Any]]:
+    """Training / evaluation items for EF regression: the cine, its ED and ES frames and the exact targets.
+
+    Args:
+        datalist: ``{view: path, "metadata": path}`` per subject (``load_cine_datalist(source, [view],
+            metadata=True)``).
+        targets: metadata values to regress (default LVEF and RVEF in %).
+        view: the image key.
+
+    Returns:
+        ``{view: path, "ed_frame", "es_frame", "target": float32 [len(targets)]}`` per subject.
+
+    Raises:
+        DataError: when ``targets`` is empty, a subject has no metadata, or a target is missing or not a finite
+            number (naming the subject's position).
+    """
+    if not targets:
+        raise DataError("no regression target given: name metadata values such as 'lv_ef_pct'.")
+    items = cine_phase_datalist(datalist, targets, view)
+    for index, item in enumerate(items):
+        values = [item.pop(name) for name in targets]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise DataError(
+                f"subject #{index}: regression targets {list(targets)} must be finite numbers, got {values}."
+            )
+        item[REGRESSION_TARGET_KEY] = np.asarray(values, dtype=np.float32)
+    return items
+
+
+def regression_targets(items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The ``[N, K]`` target values of :func:`ef_regression_items` (e.g. for
+    :meth:`~medssl.tasks.image_level.ImageLevelNetwork.set_output_statistics`).
+
+    Raises:
+        DataError: when ``items`` is empty or lacks targets.
+    """
+    if not items or any(REGRESSION_TARGET_KEY not in item for item in items):
+        raise DataError("the regression items are empty or lack targets: build them with ef_regression_items.")
+    return np.stack([np.asarray(item[REGRESSION_TARGET_KEY], dtype=np.float32) for item in items])
+
+
+def evaluate_ef_regression(
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    view: SegmentationView,
+    targets: Sequence[str] = EF_TARGETS,
+    centre: str = "heart",
+    batch_size: int = 4,
+) -> list[dict[str, Any]]:
+    """Regress EF directly from each subject's ED/ES image and score it against the exact values.
+
+    Args:
+        network: ``network(images) -> [B, len(targets)]`` in the targets' units (a standardised
+            :class:`~medssl.tasks.image_level.ImageLevelNetwork`).
+        items: from :func:`ef_regression_items` with the same ``targets``.
+        view: the SAX geometry of the network's input.
+        targets: the names of the network's outputs.
+        centre: window centring, as in training.
+        batch_size: subjects per forward pass.
+
+    Returns:
+        one row per subject: ``{"subject": index, "method": "regression", "ed_frame", "es_frame", q, q_true,
+        q_abs_error}`` per target ``q`` (the columns of :func:`evaluate_function_from_segmentation`).
+
+    Raises:
+        DataError: when ``items`` is empty or lacks targets, or a cine is unreadable.
+        ValueError: when the network's outputs are not one per target.
+    """
+    true = regression_targets(items)
+    predicted, frames = predict_phases(network, items, view, centre, batch_size)
+    if predicted.shape != true.shape or true.shape[1] != len(targets):
+        raise ValueError(
+            f"the network predicts {tuple(predicted.shape[1:])} values per subject for the targets {list(targets)} "
+            f"(items hold {true.shape[1]})."
+        )
+    rows = []
+    for subject, (values, exact, used) in enumerate(zip(predicted.tolist(), true.tolist(), frames)):
+        row: dict[str, Any] = {"subject": subject, "method": "regression", **used}
+        for name, value, target in zip(targets, values, exact):
+            row.update({name: value, f"{name}_true": target, f"{name}_abs_error": abs(value - target)})
+        rows.append(row)
+    return rows
+
+
+def evaluate_function_with_segmentation_bundle(
+    run_dir: str | os.PathLike | None,
+    datalist: Sequence[Mapping[str, str]],
+    overrides: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """EF from a trained ``cine_seg`` run (:func:`evaluate_function_from_segmentation`), or nothing without one.
+
+    The predictor is the ``cine_seg`` bundle's own (its ``inference.json``, with ``run_dir`` and ``overrides``), so
+    a segmentation model with other views or encoder settings is read by passing those overrides.
+
+    Args:
+        run_dir: the ``cine_seg`` run folder (its weights: ``<run_dir>/models/model.safetensors``, or the
+            ``weights`` override); None skips the segmentation route.
+        datalist: ``{"sax": path, "metadata": path}`` per subject.
+        overrides: more ``cine_seg`` inference overrides, e.g. ``{"views": ..., "model": ...}``.
+
+    Returns:
+        the rows of :func:`evaluate_function_from_segmentation`; an empty list (with a warning in the log) when
+        there is no run folder or no weights in it.
+
+    Raises:
+        ConfigError: for an override ``cine_seg`` does not know.
+        CheckpointError: when the weights do not match the ``cine_seg`` network.
+        DataError: see :func:`evaluate_function_from_segmentation`.
+    """
+    overrides = dict(overrides or {})
+    weights = Path(overrides.get("weights") or Path(run_dir or "") / "models" / "model.safetensors")
+    if run_dir is None or not weights.is_file():
+        logger.warning(
+            f"no cine_seg model at {weights}: evaluating the direct EF regression only (train cine_seg and pass "
+            "--segmentation_run_dir to add EF from segmentation)."
+        )
+        return []
+    overrides["run_dir"] = str(run_dir)
+    predictor = parse_bundle_item("cine_seg", "predictor", ["configs/inference.json"], overrides)
+    return evaluate_function_from_segmentation(predictor, datalist)
+
+
+def target_columns(targets: Sequence[str] = EF_TARGETS) -> Callable[[Tensor], dict[str, float]]:
+    """The prediction columns of one subject's regression output, for
+    :func:`~medssl.tasks.image_level.predict_folder` (which writes them beside the file and its ED/ES frames).
+
+    Args:
+        targets: the names of the network's outputs.
+
+    Returns:
+        ``values [K] -> {target: value, ...}``, e.g. ``{"lv_ef_pct": 61.2, "rv_ef_pct": 50.3}``.
+    """
+    return lambda values: dict(zip(targets, values.tolist()))

@@ -65,7 +65,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_pretrained_encoder(
-    encoder: MultiViewEncoder, path: str | os.PathLike, prefix: str = ENCODER_PREFIX
+    encoder: MultiViewEncoder,
+    path: str | os.PathLike,
+    prefix: str = ENCODER_PREFIX,
+    adapt: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> list[str]:
     """Load a pre-trained encoder's weights strictly, by name, from a safetensors file.
 
@@ -80,6 +83,8 @@ def load_pretrained_encoder(
         path: ``*.safetensors`` written by a pre-training (``<run_dir>/models/model.safetensors`` of ``cine_mae``)
             or fine-tuning run.
         prefix: prefix of the encoder's keys in the checkpoint.
+        adapt: maps the kept weights (names without ``prefix``) before the strict check, e.g. to widen a 1-channel
+            patch embedding for a multi-channel input; None keeps them as they are.
 
     Returns:
         the skipped checkpoint keys of other views, sorted.
@@ -113,6 +118,8 @@ def load_pretrained_encoder(
         if (match := _VIEW_PARAMETER.match(key)) is not None and match.group(2) not in encoder.views
     )
     kept = {key: value for key, value in selected.items() if prefix + key not in skipped}
+    if adapt is not None:
+        kept = adapt(kept)
     check_state_dict(encoder, kept, f"the pretrained encoder in {path}")
     encoder.load_state_dict(kept)
     if skipped:
@@ -178,8 +185,19 @@ class EncoderTaskNetwork(nn.Module):
             return self
         if path is True:
             raise CheckpointError("pretrained must be a checkpoint path, or False / None to train from scratch.")
-        load_pretrained_encoder(self.encoder, path)
+        load_pretrained_encoder(self.encoder, path, adapt=self.adapt_pretrained_weights)
         return self
+
+    def adapt_pretrained_weights(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook for subclasses whose encoder differs from the pre-trained one in a known way (e.g. input channels).
+
+        Args:
+            state: the checkpoint's encoder weights, names without ``encoder.``.
+
+        Returns:
+            the weights to load strictly; here ``state`` unchanged.
+        """
+        return state
 
     def encode(self, image: Tensor, view: str, layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
         """Encode one view alone through the shared encoder.
@@ -374,6 +392,8 @@ def report_evaluation(
     experiment_name: str = "medssl",
     tracking_uri: str | None = None,
     prefix: str = "eval_",
+    cohort_metrics: Mapping[str, float] | None = None,
+    artifacts: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Write an evaluation's per-subject metrics and summary, and log the summary into the run's MLflow run.
 
@@ -391,9 +411,12 @@ def report_evaluation(
         experiment_name: MLflow experiment when the folder has no recorded run yet.
         tracking_uri: MLflow store (default: the run folder's; ``MLFLOW_TRACKING_URI`` wins).
         prefix: MLflow metric name prefix.
+        cohort_metrics: metrics of the whole evaluated set that are no mean of rows (e.g. macro-F1, AUROC), logged
+            and summarised as ``<prefix><name>`` beside the means; undefined (non-finite) ones are left out.
+        artifacts: more files to log, ``{MLflow artifact folder: file}`` (e.g. a figure).
 
     Returns:
-        ``{"metrics": {name: mean}, "num_rows", "csv", "run_id"}``.
+        ``{"metrics": {name: value}, "num_rows", "csv", "run_id"}``.
 
     Raises:
         DataError: when ``rows`` is empty (nothing was evaluated).
@@ -414,8 +437,14 @@ def report_evaluation(
             mean = _mean([row.get(column) for row in members])
             if mean is not None:
                 metrics[f"{prefix}{group + '_' if group else ''}{column}"] = mean
+    cohort = {f"{prefix}{name}": float(value) for name, value in (cohort_metrics or {}).items()}
+    metrics.update({name: value for name, value in cohort.items() if math.isfinite(value)})
     run_id = log_to_run_folder(
-        run_dir, metrics, {"evaluation": csv_path}, experiment_name=experiment_name, tracking_uri=tracking_uri
+        run_dir,
+        metrics,
+        {"evaluation": csv_path, **(artifacts or {})},
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
     )
     summary = {"metrics": metrics, "num_rows": len(rows), "csv": str(csv_path.resolve()), "run_id": run_id}
     text = json.dumps(summary, indent=2)
