@@ -6,10 +6,7 @@ Tiny settings throughout: a 2-subject, 4-frame phantom cohort, 32x32x4 ED/ES win
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,11 +17,8 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 from safetensors.torch import load_file
 
-from medssl.data.phantom import ensure_cohort
 from medssl.engine.bundles import run_bundle
-from medssl.engine.checkpoints import save_network_weights
 from medssl.errors import CheckpointError, DataError
-from medssl.methods.cine_mae import CineMAE
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "cine_cls"
@@ -36,34 +30,6 @@ NETWORK = {"views": VIEWS, "model": {**ENCODER, "drop_path_rate": 0.1}}
 TINY = {**NETWORK, "epochs": 2, "batch_size": 2, "samples_per_epoch": 4, "cache_workers": 1, "num_subjects": 2,
         "eval_num_subjects": 1}
 CLASSES = ["NOR", "DCM", "HCM", "MINF", "ARV"]
-
-
-def run_cli(config_files, overrides, cwd):
-    """``python -m monai.bundle run`` with ``--key value`` overrides (python-fire reads Python literals)."""
-    configs = str(config_files[0]) if len(config_files) == 1 else repr([str(f) for f in config_files])
-    args = [item for key, value in overrides.items()
-            for item in (f"--{key}", value if isinstance(value, str) else repr(value))]
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return ensure_cohort(tmp_path_factory.mktemp("cohort"), 2, seed=0, num_frames=4, progress=False).parent
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A cine_mae-style checkpoint (1-channel SAX and LAX-4C views) of the tiny encoder."""
-    torch.manual_seed(0)
-    views = {"sax": {"image_size": (32, 32, 4), "patch_size": (8, 8, 1)},
-             "lax_4c": {"image_size": (32, 32), "patch_size": (8, 8)}}
-    mae = CineMAE(views=views, decoder_dim=8, decoder_depth=1, decoder_num_heads=2, **ENCODER)
-    return save_network_weights(mae, tmp_path_factory.mktemp("mae") / "model.safetensors")
 
 
 def test_bundle_files_follow_the_monai_bundle_spec():
@@ -84,7 +50,7 @@ def test_bundle_files_follow_the_monai_bundle_spec():
 
 
 @pytest.mark.slow
-def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained):
+def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained, run_cli):
     run_dir = tmp_path / "run"
     common = {**TINY, "run_dir": str(run_dir), "dataset_dir": str(cohort)}
     run_cli([TRAIN], {**common, "pretrained": str(pretrained)}, tmp_path)

@@ -7,23 +7,17 @@ the segmentation route; a one-subject held-out cohort.
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from medssl.data.phantom import ensure_cohort
 from medssl.engine.bundles import parse_bundle_item, run_bundle
 from medssl.engine.checkpoints import save_network_weights
 from medssl.errors import DataError
-from medssl.methods.cine_mae import CineMAE
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "cine_ef"
@@ -36,32 +30,6 @@ TINY = {**NETWORK, "epochs": 2, "batch_size": 2, "samples_per_epoch": 4, "cache_
         "eval_num_subjects": 1}
 SEGMENTATION = {"views": {"sax": {"image_size": [32, 32, 4], "spacing": [6.0, 6.0, None], "patch_size": [8, 8, 1]}},
                 "model": {**ENCODER, "drop_path_rate": 0.1, "feature_size": 4}}
-
-
-def run_cli(config_files, overrides, cwd):
-    """``python -m monai.bundle run`` with ``--key value`` overrides (python-fire reads Python literals)."""
-    configs = str(config_files[0]) if len(config_files) == 1 else repr([str(f) for f in config_files])
-    args = [item for key, value in overrides.items()
-            for item in (f"--{key}", value if isinstance(value, str) else repr(value))]
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return ensure_cohort(tmp_path_factory.mktemp("cohort"), 2, seed=0, num_frames=4, progress=False).parent
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    torch.manual_seed(0)
-    mae = CineMAE(views={"sax": {"image_size": (32, 32, 4), "patch_size": (8, 8, 1)}}, decoder_dim=8, decoder_depth=1,
-                  decoder_num_heads=2, **ENCODER)
-    return save_network_weights(mae, tmp_path_factory.mktemp("mae") / "model.safetensors")
 
 
 def exact(cohort, subject, key):
@@ -90,7 +58,7 @@ def test_bundle_files_follow_the_monai_bundle_spec():
 
 
 @pytest.mark.slow
-def test_train_evaluate_both_ways_infer_through_the_monai_cli(tmp_path, cohort, pretrained):
+def test_train_evaluate_both_ways_infer_through_the_monai_cli(tmp_path, cohort, pretrained, run_cli):
     run_dir = tmp_path / "run"
     common = {**TINY, "run_dir": str(run_dir), "dataset_dir": str(cohort)}
     run_cli([TRAIN], {**common, "pretrained": str(pretrained)}, tmp_path)

@@ -6,10 +6,7 @@ Tiny settings throughout: a 2-subject, 4-frame phantom cohort, 32x32 LAX-4C wind
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,11 +17,8 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 from safetensors.torch import load_file
 
-from medssl.data.phantom import ensure_cohort
 from medssl.engine.bundles import run_bundle
-from medssl.engine.checkpoints import save_network_weights
 from medssl.errors import CheckpointError, DataError
-from medssl.methods.cine_mae import CineMAE
 from medssl.tasks.landmarks import LANDMARK_NAMES, load_landmarks, pixel_to_patient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,45 +30,6 @@ VIEWS = {"lax_4c": {"image_size": [32, 32], "spacing": [4.0, 4.0], "patch_size":
 NETWORK = {"views": VIEWS, "model": {**ENCODER, "drop_path_rate": 0.1, "feature_size": 4}}
 TINY = {**NETWORK, "epochs": 2, "batch_size": 2, "samples_per_subject": 1, "cache_workers": 1, "num_subjects": 2,
         "eval_num_subjects": 1, "max_shift_mm": 8.0}
-
-
-def cli_args(overrides):
-    """``--key value`` pairs for the MONAI bundle CLI (python-fire reads Python literals)."""
-    return [item for key, value in overrides.items()
-            for item in (f"--{key}", value if isinstance(value, str) else repr(value))]
-
-
-def run_cli(config_files, overrides, cwd):
-    configs = str(config_files[0]) if len(config_files) == 1 else repr([str(f) for f in config_files])
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *cli_args(overrides)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return ensure_cohort(tmp_path_factory.mktemp("cohort"), 2, seed=0, num_frames=4, progress=False).parent
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A cine_mae-style checkpoint (SAX and both LAX views) of the tiny encoder."""
-    torch.manual_seed(0)
-    views = {"sax": {"image_size": (32, 32, 4), "patch_size": (8, 8, 1)},
-             "lax_2c": {"image_size": (32, 32), "patch_size": (8, 8)},
-             "lax_4c": {"image_size": (32, 32), "patch_size": (8, 8)}}
-    mae = CineMAE(views=views, decoder_dim=8, decoder_depth=1, decoder_num_heads=2, **ENCODER)
-    return save_network_weights(mae, tmp_path_factory.mktemp("pretrained") / "model.safetensors")
-
-
-@pytest.fixture
-def no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def test_bundle_files_follow_the_monai_bundle_spec():
@@ -104,7 +59,7 @@ def test_bundle_files_follow_the_monai_bundle_spec():
 
 
 @pytest.mark.slow
-def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained):
+def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained, run_cli):
     run_dir = tmp_path / "run"
     common = {**TINY, "run_dir": str(run_dir), "dataset_dir": str(cohort)}
     run_cli([TRAIN], {**common, "pretrained": str(pretrained)}, tmp_path)

@@ -6,9 +6,7 @@ encoder pretrained (here: initialised) as a ``CineMAE``; a one-subject held-out 
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,11 +18,8 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 from safetensors.torch import load_file
 
-from medssl.data.phantom import ensure_cohort
 from medssl.engine.bundles import run_bundle
-from medssl.engine.checkpoints import save_network_weights
 from medssl.errors import CheckpointError, DataError
-from medssl.methods.cine_mae import CineMAE
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "cine_seg"
@@ -41,45 +36,6 @@ NETWORK = {"views": VIEWS, "model": {**ENCODER, "drop_path_rate": 0.1, "feature_
 TINY = {**NETWORK, "epochs": 2, "batch_size": 2, "samples_per_subject": 1, "cache_workers": 1, "num_subjects": 2,
         "eval_num_subjects": 1}
 STRUCTURES = ("RV", "MYO", "LV")
-
-
-def cli_args(overrides):
-    """``--key value`` pairs for the MONAI bundle CLI (python-fire reads Python literals)."""
-    return [item for key, value in overrides.items()
-            for item in (f"--{key}", value if isinstance(value, str) else repr(value))]
-
-
-def run_cli(config_files, overrides, cwd, launcher=(sys.executable,)):
-    configs = str(config_files[0]) if len(config_files) == 1 else repr([str(f) for f in config_files])
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *cli_args(overrides)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return ensure_cohort(tmp_path_factory.mktemp("cohort"), 2, seed=0, num_frames=4, progress=False).parent
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A cine_mae-style checkpoint (SAX and both LAX views) of the tiny encoder."""
-    torch.manual_seed(0)
-    views = {"sax": {"image_size": (32, 32, 4), "patch_size": (8, 8, 1)},
-             "lax_2c": {"image_size": (32, 32), "patch_size": (8, 8)},
-             "lax_4c": {"image_size": (32, 32), "patch_size": (8, 8)}}
-    mae = CineMAE(views=views, decoder_dim=8, decoder_depth=1, decoder_num_heads=2, **ENCODER)
-    return save_network_weights(mae, tmp_path_factory.mktemp("pretrained") / "model.safetensors")
-
-
-@pytest.fixture
-def no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def test_bundle_files_follow_the_monai_bundle_spec():
@@ -105,7 +61,7 @@ def test_bundle_files_follow_the_monai_bundle_spec():
 
 
 @pytest.mark.slow
-def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained):
+def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained, run_cli):
     run_dir = tmp_path / "run"
     common = {**TINY, "run_dir": str(run_dir), "dataset_dir": str(cohort)}
     run_cli([TRAIN], {**common, "pretrained": str(pretrained)}, tmp_path)
@@ -213,7 +169,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, cohort, pretrained, no_tracking_e
 
 
 @pytest.mark.slow
-def test_torchrun_fine_tunes_from_scratch_with_two_gloo_processes(tmp_path, cohort):
+def test_torchrun_fine_tunes_from_scratch_with_two_gloo_processes(tmp_path, cohort, run_cli):
     run_dir = tmp_path / "run"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     overrides = {**TINY, "epochs": 1, "samples_per_subject": 2, "run_dir": str(run_dir), "dataset_dir": str(cohort),
