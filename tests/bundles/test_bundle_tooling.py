@@ -140,6 +140,15 @@ def test_network_guard_refuses_connections(offline_env, tmp_path):
     assert result.returncode != 0 and "network access is disabled in this test" in result.stderr
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda path: path.name)
+def test_every_bundle_has_the_spec_files_and_a_current_changelog(bundle):
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    for name in ("configs/train.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
+        assert (bundle / name).is_file(), name
+    assert "only run bundles you trust" in (bundle / "docs" / "README.md").read_text().lower()
+
+
 def test_schema_is_a_draft_07_schema_requiring_the_mandatory_keys():
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
