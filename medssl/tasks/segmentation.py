@@ -386,9 +386,11 @@ class CineSegmentationPredictor:
         there is no margin or no heart (then every frame is segmented whole)."""
         if self.roi_margin_mm is None:
             return None
-        heart = probabilities.as_tensor().argmax(dim=0).amax(dim=2) > 0  # [H', W'] projected over slices
-        if not heart.any():
+        foreground = probabilities.as_tensor().argmax(dim=0).numpy() > 0
+        if not foreground.any():
             return None
+        # Stray false positives elsewhere in the field of view would stretch the box to all of it.
+        heart = torch.from_numpy(_largest_region(foreground).any(axis=2))  # [H', W'] projected over slices
         spacing = np.linalg.norm(np.asarray(resampled.affine)[:3, :2], axis=0)
         roi = []
         for axis, size in enumerate(heart.shape):
