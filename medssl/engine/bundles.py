@@ -22,7 +22,15 @@ from monai.bundle.utils import ID_SEP_KEY
 import medssl
 from medssl.errors import ConfigError, MedsslError
 
-__all__ = ["BUNDLES_ENV", "bundles_root", "bundle_dir", "validate_overrides", "run_bundle", "parse_bundle_item"]
+__all__ = [
+    "BUNDLES_ENV",
+    "bundles_root",
+    "bundle_dir",
+    "validate_overrides",
+    "run_bundle",
+    "parse_bundle_item",
+    "export_inference_bundle",
+]
 
 BUNDLES_ENV = "MEDSSL_BUNDLES"
 _DEFAULT_CONFIG = "configs/train.json"
@@ -34,12 +42,26 @@ def bundles_root() -> Path:
     return Path(configured) if configured else Path(medssl.__file__).resolve().parent.parent / "bundles"
 
 
-def bundle_dir(recipe: str) -> Path:
-    """The folder of bundle ``recipe`` (``<bundles_root()>/<recipe>`` holding ``configs/``).
+def _is_path(recipe: str | os.PathLike) -> bool:
+    """Whether ``recipe`` names a folder (absolute, or with a path separator) rather than a recipe."""
+    text = os.fspath(recipe)
+    return os.path.isabs(text) or os.sep in text or (os.altsep is not None and os.altsep in text)
+
+
+def bundle_dir(recipe: str | os.PathLike) -> Path:
+    """The folder of a bundle: ``<bundles_root()>/<recipe>`` for a recipe name (``"cine_seg"``), or the folder itself
+    for a path (absolute or containing a separator, e.g. ``runs/cine_seg``: a run folder made a bundle by
+    :func:`export_inference_bundle`, or an imported one).
 
     Raises:
-        ConfigError: when there is no such bundle; names the close matches and the available recipes.
+        ConfigError: when there is no such bundle (no ``configs/`` folder); for a name, lists the close matches and
+            the available recipes.
     """
+    if _is_path(recipe):
+        path = Path(recipe).resolve()
+        if not (path / "configs").is_dir():
+            raise ConfigError(f"{recipe} is not a bundle folder: it has no configs/ folder.")
+        return path
     root = bundles_root()
     path = root / recipe
     if (path / "configs").is_dir():
@@ -92,7 +114,7 @@ def _user_error(error: BaseException) -> MedsslError | None:
 
 
 def _read_configs(
-    recipe: str, config_files: Sequence[str] | None, overrides: Mapping[str, Any] | None
+    recipe: str | os.PathLike, config_files: Sequence[str] | None, overrides: Mapping[str, Any] | None
 ) -> tuple[list[Path], ConfigParser, dict[str, Any]]:
     """A bundle's config files (checked), merged and parsed, and the validated overrides (with ``bundle_root``)."""
     root = bundle_dir(recipe)
@@ -123,12 +145,12 @@ def _unwrapped_user_errors() -> Iterator[None]:
 
 
 def parse_bundle_item(
-    recipe: str, item: str, config_files: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
+    recipe: str | os.PathLike, item: str, config_files: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Any:
     """Instantiate one item of a bundle's configs (a network, a predictor, a data list) without running it.
 
     Args:
-        recipe: bundle name, e.g. ``"cine_seg"``.
+        recipe: bundle name, e.g. ``"cine_seg"``, or a bundle folder (see :func:`bundle_dir`).
         item: the config id, e.g. ``"predictor"`` or ``"network_def"``.
         config_files: config files relative to the bundle folder (merged in order); default
             ``["configs/train.json"]``.
@@ -147,6 +169,54 @@ def parse_bundle_item(
     parser.update(overrides)
     with _unwrapped_user_errors():
         return parser.get_parsed_content(item)
+
+
+def export_inference_bundle(
+    bundle_root: str | os.PathLike, run_dir: str | os.PathLike, settings: Mapping[str, Any]
+) -> Path | None:
+    """Make a finished run folder a self-contained MONAI bundle for inference, with the settings it was trained with.
+
+    A training run's ``models/model.safetensors`` only fits the network the run built, and a run started with
+    command-line overrides (another view geometry, a smaller model) builds another network than the recipe's
+    defaults. Called at the end of training (``finalize``), this writes ``<run_dir>/configs/inference.json``: the
+    recipe's ``inference.json`` with ``settings`` (the resolved values of the training config) in place of its
+    defaults and with ``run_dir`` pointing at the run folder; and copies ``metadata.json`` and ``logging.conf``
+    beside it. The run folder is then a bundle: ``python -m monai.bundle run --config_file
+    <run_dir>/configs/inference.json --input_dir ...`` and ``medssl analyze --bundle <run_dir>`` use it as trained,
+    and :func:`parse_bundle_item` takes it as a path. Only the main process writes (under ``torchrun``).
+
+    Args:
+        bundle_root: the recipe's bundle folder (holding ``configs/inference.json``).
+        run_dir: the run folder.
+        settings: inference config id -> resolved value, e.g. ``{"views": ..., "model": ..., "class_names": ...}``;
+            JSON-serialisable, each already present in the recipe's ``inference.json``.
+
+    Returns:
+        the written ``inference.json``, or None on a non-main process.
+
+    Raises:
+        ConfigError: when the recipe has no ``inference.json`` or a setting is not one of its keys.
+    """
+    from medssl.engine.checkpoints import atomic_write
+    from medssl.engine.distributed import is_main_process
+
+    if not is_main_process():
+        return None
+    source = Path(bundle_root) / "configs"
+    if not (source / "inference.json").is_file():
+        raise ConfigError(f"bundle {bundle_root} has no configs/inference.json to export.")
+    config = json.loads((source / "inference.json").read_text())
+    unknown = sorted(set(settings) - set(config))
+    if unknown:
+        raise ConfigError(f"cannot export {unknown}: not keys of {source / 'inference.json'}.")
+    run_dir = Path(run_dir).resolve()
+    config.update(settings)
+    config.update({"bundle_root": str(run_dir), "run_dir": "@bundle_root"})
+    target = run_dir / "configs"
+    for name in ("metadata.json", "logging.conf"):
+        if (source / name).is_file():
+            atomic_write(target / name, lambda tmp, name=name: Path(tmp).write_bytes((source / name).read_bytes()))
+    return atomic_write(target / "inference.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=4)))
 
 
 def run_bundle(

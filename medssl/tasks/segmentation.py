@@ -46,6 +46,7 @@ __all__ = [
     "segmentation_metrics",
     "ed_es_frames",
     "keep_largest_components",
+    "exclude_unenclosed_lv_slices",
     "as_cine",
     "CineSegmentationPredictor",
     "evaluate_segmentation",
@@ -133,11 +134,18 @@ class ViTSegmenter(EncoderTaskNetwork):
         )
         super().__init__(encoder, finetune_mode)
         self.num_classes = num_classes
+        self.feature_size = feature_size
+        self.norm_name = norm_name
+        self._build_decoders()
+
+    def _build_decoders(self) -> None:
+        """One decoder per view of ``self.encoder``, for its width, depth and patch size."""
+        embed_dim, depth = self.encoder.embed_dim, len(self.encoder.vit.blocks)
         self.layers: dict[str, list[int]] = {}
         decoders = {}
-        for name, spec in encoder.views.items():
-            if finetune_mode == "linear_probe":
-                decoders[name] = LinearSegmentationHead(spec, embed_dim, num_classes)
+        for name, spec in self.encoder.views.items():
+            if self.finetune_mode == "linear_probe":
+                decoders[name] = LinearSegmentationHead(spec, embed_dim, self.num_classes)
                 self.layers[name] = []
                 continue
             self.layers[name] = hidden_state_layers(depth, decoder_levels(spec.patch_size))
@@ -147,11 +155,26 @@ class ViTSegmenter(EncoderTaskNetwork):
                 patch_size=spec.patch_size,
                 in_channels=spec.in_channels,
                 embed_dim=embed_dim,
-                out_channels=num_classes,
-                feature_size=feature_size,
-                norm_name=norm_name,
+                out_channels=self.num_classes,
+                feature_size=self.feature_size,
+                norm_name=self.norm_name,
             )
         self.decoders = nn.ModuleDict(decoders)
+
+    def replace_encoder(self, encoder: nn.Module) -> None:
+        """Fine-tune another encoder architecture (e.g. an imported CineMA encoder): new decoders fitted to its width,
+        depth and patch size, for the same views.
+
+        Args:
+            encoder: an encoder with the interface of :class:`~medssl.nets.vit.MultiViewEncoder` that fine-tuning
+                uses (``views``, ``embed_dim``, ``embed``, ``vit.forward_features``).
+
+        Raises:
+            ValueError: when its patch size cannot be climbed by the UNETR decoder.
+        """
+        self.encoder = encoder
+        self.encoder.requires_grad_(not self.encoder_frozen)
+        self._build_decoders()
 
     def forward(self, image: Tensor, view: str | None = None) -> Tensor:
         """Segment windows of one view.
@@ -271,6 +294,41 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     return kept
 
 
+def exclude_unenclosed_lv_slices(labels: np.ndarray, min_enclosure: float = 0.5) -> np.ndarray:
+    """Drop the LV cavity from SAX slices where myocardium does not surround it: the SCMR basal-slice rule.
+
+    At end-systole the base descends towards the apex, and the basal slices of a stack cut through the left atrium, a
+    blood pool that looks like the LV cavity but has no ventricular myocardium around it. SCMR's post-processing
+    standard counts a basal slice as LV only when at least 50 % of its blood pool is surrounded by LV myocardium
+    (Schulz-Menger et al., 2020, https://doi.org/10.1186/s12968-020-00610-6). Here the enclosure of a slice is the
+    fraction of the pixels bordering its LV cavity (the cavity's dilation minus the cavity) that are myocardium.
+
+    Args:
+        labels: class ids ``[H, W, S]`` of one SAX frame (ACDC ids: 2 LV myocardium, 3 LV cavity).
+        min_enclosure: slices whose LV cavity is enclosed less than this (in ``[0, 1]``) lose their cavity.
+
+    Returns:
+        a copy with the LV cavity of the unenclosed slices set to background.
+
+    Raises:
+        ValueError: when ``labels`` is not 3-D or ``min_enclosure`` is outside ``[0, 1]``.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"expected one SAX frame [H, W, S], got shape {labels.shape}.")
+    if not 0.0 <= min_enclosure <= 1.0:
+        raise ValueError(f"min_enclosure must lie in [0, 1], got {min_enclosure!r}.")
+    lv, myo = CARDIAC_CLASSES.index("LV"), CARDIAC_CLASSES.index("MYO")
+    kept = labels.copy()
+    for s in range(labels.shape[2]):
+        cavity = labels[:, :, s] == lv
+        if not cavity.any():
+            continue
+        border = ndimage.binary_dilation(cavity) & ~cavity
+        if border.any() and (labels[:, :, s][border] == myo).mean() < min_enclosure:
+            kept[:, :, s][cavity] = 0
+    return kept
+
+
 def as_cine(image: MetaTensor, view: str, source: str) -> MetaTensor:
     """A loaded NIfTI as a 4-D cine ``[H, W, S, T]`` (LAX ``[H, W, 1, T]``); 3-D files are one frame."""
     shape = tuple(image.shape)
@@ -309,6 +367,9 @@ class CineSegmentationPredictor:
         device: where the network runs; default the network's device.
         roi_margin_mm: margin around the heart of the first frame within which the other frames are segmented; None
             segments every frame over the whole field of view.
+        min_lv_enclosure: on SAX stacks, slices whose LV cavity is surrounded by less than this fraction of
+            myocardium lose their cavity (the atrium at the base, :func:`exclude_unenclosed_lv_slices`); None keeps
+            every slice.
     """
 
     def __init__(
@@ -320,9 +381,13 @@ class CineSegmentationPredictor:
         largest_component: bool = True,
         device: torch.device | str | None = None,
         roi_margin_mm: float | None = 20.0,
+        min_lv_enclosure: float | None = 0.5,
     ) -> None:
         if roi_margin_mm is not None and not roi_margin_mm >= 0:
             raise ValueError(f"roi_margin_mm must be >= 0 mm or None, got {roi_margin_mm!r}.")
+        if min_lv_enclosure is not None and not 0.0 <= min_lv_enclosure <= 1.0:
+            raise ValueError(f"min_lv_enclosure must lie in [0, 1] or be None, got {min_lv_enclosure!r}.")
+        self.min_lv_enclosure = min_lv_enclosure
         self.network = network
         self.largest_component = largest_component
         self.roi_margin_mm = roi_margin_mm
@@ -378,7 +443,11 @@ class CineSegmentationPredictor:
         for probabilities in out:
             back = restore(probabilities, dst_affine=cine.affine, spatial_size=tuple(cine.shape[:3]))
             frame = back.argmax(dim=0).to(torch.uint8).cpu().numpy()
-            labels.append(keep_largest_components(frame) if self.largest_component else frame)
+            if self.largest_component:
+                frame = keep_largest_components(frame)
+            if spec.is_stack and self.min_lv_enclosure is not None:
+                frame = exclude_unenclosed_lv_slices(frame, self.min_lv_enclosure)
+            labels.append(frame)
         return np.stack(labels, axis=-1)
 
     def _heart_roi(self, probabilities: MetaTensor, resampled: MetaTensor) -> tuple[slice, slice] | None:
@@ -551,23 +620,31 @@ def segment_folder(
 def load_segmentation_predictor(
     run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None
 ) -> CineSegmentationPredictor:
-    """The predictor of a trained ``cine_seg`` run, built from the bundle's ``inference.json``.
+    """The predictor of a trained segmentation bundle: its ``configs/inference.json`` item ``predictor``.
+
+    A finished ``cine_seg`` run folder is such a bundle (training exports its configs there, with the settings it was
+    trained with; :func:`medssl.engine.bundles.export_inference_bundle`), and so is a bundle imported from another
+    toolkit. For a run folder without configs (trained before the export existed), the recipe's ``inference.json``
+    is used, with ``overrides`` repeating the settings the run was trained with.
 
     Args:
-        run_dir: the run folder (``<run_dir>/models/model.safetensors`` holds the weights).
-        overrides: the network overrides the run was trained with (``views``, ``model``, ``finetune_mode``,
-            ``inference``), as for ``inference.json`` on the command line.
+        run_dir: the bundle or run folder (``<run_dir>/models/model.safetensors`` holds medssl's weights).
+        overrides: inference config id -> value, e.g. the ``views``, ``model``, ``inference`` settings.
 
     Returns:
-        the predictor, its network in eval mode on the config's device.
+        the predictor (``predict(cine, view, frames)``), its network in eval mode on the config's device.
 
     Raises:
-        CheckpointError: when the run has no weights or they do not fit the network.
-        ConfigError: for an unknown override key.
+        CheckpointError: when the bundle has no weights or they do not fit the network.
+        ConfigError: for an unknown override key, or a bundle without a ``predictor``.
     """
     from medssl.engine.bundles import parse_bundle_item
 
-    overrides = {**(overrides or {}), "run_dir": str(run_dir)}
-    predictor = parse_bundle_item("cine_seg", "predictor", ["configs/inference.json"], overrides)
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "configs" / "inference.json").is_file():
+        predictor = parse_bundle_item(run_dir, "predictor", ["configs/inference.json"], overrides)
+    else:
+        overrides = {**(overrides or {}), "run_dir": str(run_dir)}
+        predictor = parse_bundle_item("cine_seg", "predictor", ["configs/inference.json"], overrides)
     predictor.network.eval()
     return predictor

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from medssl.engine.bundles import run_bundle
 from medssl.errors import CheckpointError, DataError
+from medssl.tasks.segmentation import load_segmentation_predictor
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "cine_seg"
@@ -105,6 +106,17 @@ def test_train_evaluate_infer_through_the_monai_cli(tmp_path, cohort, pretrained
     assert prediction.shape == source.shape and prediction.get_data_dtype() == np.uint8
     np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-6)
     assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+    # The run folder is itself a bundle with the settings it was trained with: no overrides needed to use it.
+    exported = json.loads((run_dir / "configs" / "inference.json").read_text())
+    assert exported["views"] == VIEWS and exported["model"] == NETWORK["model"]
+    assert (run_dir / "configs" / "metadata.json").is_file()
+    run_cli([run_dir / "configs" / "inference.json"], {"input_dir": str(inputs), "output_dir": str(tmp_path / "own")},
+            tmp_path)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "own" / "case_seg.nii.gz")).dataobj),
+                                  np.asarray(prediction.dataobj))
+    predictor = load_segmentation_predictor(run_dir)
+    assert predictor.views["sax"].image_size == tuple(VIEWS["sax"]["image_size"])
 
 
 def test_pretrained_or_scratch_is_one_override(tmp_path, pretrained):

@@ -22,6 +22,7 @@ from medssl.tasks.segmentation import (
     ViTSegmenter,
     ed_es_frames,
     evaluate_segmentation,
+    exclude_unenclosed_lv_slices,
     keep_largest_components,
     load_segmentation_predictor,
     segment_folder,
@@ -134,6 +135,27 @@ def test_ed_es_frames_from_the_lv_cavity_of_labelled_frames():
     assert ed_es_frames(single) == [2]
     with pytest.raises(DataError, match="no labelled frame"):
         ed_es_frames(np.zeros((4, 4, 1, 3), np.uint8))
+
+
+def test_exclude_unenclosed_lv_slices_drops_the_atrium_but_keeps_ringed_cavities():
+    labels = np.zeros((12, 12, 3), np.uint8)
+    labels[3:9, 3:9, 0] = 2  # slice 0: a full myocardial ring around the cavity
+    labels[4:8, 4:8, 0] = 3
+    labels[3:9, 3:9, 1] = 2  # slice 1: myocardium on one side only (3 of the 4 sides open)
+    labels[3:9, 4:9, 1] = 0
+    labels[4:8, 4:8, 1] = 3
+    labels[4:8, 4:8, 2] = 3  # slice 2: a blood pool with no myocardium at all
+    kept = exclude_unenclosed_lv_slices(labels)
+    np.testing.assert_array_equal(kept[..., 0], labels[..., 0])
+    assert not (kept[..., 1] == 3).any() and (kept[..., 1] == 2).sum() == (labels[..., 1] == 2).sum()
+    assert not kept[..., 2].any()
+    # The border of slice 1 (the 4-connected dilation of the cavity minus the cavity) is 16 pixels, 4 of them
+    # myocardium: an enclosure of 0.25, kept at a bar of 0.2.
+    np.testing.assert_array_equal(exclude_unenclosed_lv_slices(labels, min_enclosure=0.2)[..., 1], labels[..., 1])
+    with pytest.raises(ValueError, match=r"\[H, W, S\]"):
+        exclude_unenclosed_lv_slices(labels[..., 0])
+    with pytest.raises(ValueError, match="min_enclosure"):
+        exclude_unenclosed_lv_slices(labels, min_enclosure=1.5)
 
 
 def test_keep_largest_components_removes_what_is_apart_from_the_heart():
