@@ -318,6 +318,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"held-out LVEF error from the segmentation of the whole cycle:  {result['lvef_mae']:.1f} EF points (mean)")
     print(f"fine-tuning run:   {run_dir / 'cine_seg'}")
     print(f"open the MLflow UI on both runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    for study in result["analysis"].studies:
+        if study.analysed:
+            lvef = study.function.to_dict()["lv_ef_pct"]
+            print(f"medssl analyze on a synthetic DICOM study: LVEF {_format_value(lvef, '%')}; "
+                  f"report: {study.folder / 'report.pdf'} (and report.png, DICOM SEG/SR, measurements.csv)")
+        else:
+            print(f"medssl analyze on a synthetic DICOM study: {study.status}: {study.error}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- analyze
+def _format_value(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{value:.1f} {unit}"
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from medssl.clinical.analyze import analyze_dicom_folder
+
+    result = analyze_dicom_folder(args.dicom_dir, args.out, args.bundle, progress=not args.quiet)
+    print(f"medssl analyze: {len(result.studies)} study(ies) in {args.dicom_dir}; outputs in {result.out_dir}")
+    if result.skipped_files:
+        print(f"skipped {len(result.skipped_files)} file(s) (reasons in analysis.json), e.g.:")
+        for entry in result.skipped_files[:5]:
+            print(f"  {entry.path}: {entry.reason}")
+    for outcome in result.studies:
+        if not outcome.analysed:
+            print(f"{outcome.label}: {'skipped' if outcome.skipped else 'NOT ANALYSED'}: {outcome.error}")
+            continue
+        m = outcome.function.to_dict()
+        print(
+            f"{outcome.label}: LVEF {_format_value(m['lv_ef_pct'], '%')}, LVEDV {_format_value(m['lv_edv_ml'], 'ml')}, "
+            f"LVESV {_format_value(m['lv_esv_ml'], 'ml')}, RVEF {_format_value(m['rv_ef_pct'], '%')}, "
+            f"LV mass {_format_value(m['lv_mass_g'], 'g')} (ED frame {m['ed_frame']}, ES frame {m['es_frame']})"
+        )
+        for flag in outcome.function.flags:
+            print(f"  CHECK: {flag}")
+        for warning in outcome.warnings:
+            print(f"  note: {warning}")
+        print(f"  -> {outcome.folder}")
+    if not any(outcome.analysed for outcome in result.studies):
+        print("medssl analyze: error: no study could be analysed", file=sys.stderr)
+        return EXIT_USAGE
+    return result.exit_code
+
+
+# ----------------------------------------------------------------------------------------------------- import-cinema
+def _cmd_import_cinema(args: argparse.Namespace) -> int:
+    from medssl.interop import import_cinema
+
+    bundle = import_cinema(args.source, args.out)
+    weights = bundle / "models" / "model.safetensors"
+    print(f"medssl import-cinema: wrote bundle {bundle} (weights: {weights})")
+    if "predictor" in json.loads((bundle / "configs" / "inference.json").read_text()):
+        print(f"analyze DICOM studies with it:  medssl analyze DICOM_DIR --out OUT_DIR --bundle {bundle}")
+    if args.source.name == "pretrained" or "pretrained" in args.source.parts:
+        print(f"fine-tune from it:  medssl finetune cine_seg --pretrained {weights}")
     return 0
 
 
@@ -335,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
               medssl finetune cine_seg --pretrained runs/cine_mae/models/model.safetensors --labelled 4
               medssl study label-efficiency --quick
               medssl demo
+              medssl analyze DICOM_DIR --out results
+              medssl import-cinema cinema/finetuned/segmentation/acdc_sax --out bundles_local/cinema_seg
             """
         ),
     )
@@ -462,6 +520,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-subjects", type=_positive_int, default=4, help="held-out subjects to evaluate on (default 4)"
     )
     demo.set_defaults(handler=_cmd_demo)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="cardiac volumes, EF, DICOM SEG/SR and a report from a folder of DICOM files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find the cine short-axis stack of every study in a folder of DICOM files (any layout, with or "
+        "without .dcm, DICOMDIR), segment every frame, and write LV/RV volumes, ejection fraction and LV mass as "
+        "measurements.json/.csv, a DICOM SEG, a DICOM SR (TID 1500), NIfTI masks and a report (PNG, PDF) per study. "
+        "Patient identifiers appear only inside the DICOM outputs.",
+        epilog=textwrap.dedent(
+            """\
+            exit status: 0 every cine study analysed (others in the folder are listed as skipped),
+                         3 the analysis of some cine studies failed (see analysis.json),
+                         2 bad input or no model (nothing analysed), 1 internal error
+            model: --bundle, else $MEDSSL_CINE_SEG, else runs/cine_seg (what `medssl finetune cine_seg` trains)
+            example:
+              medssl analyze /media/export --out results/patient-study
+            """
+        ),
+    )
+    analyze.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively) or a DICOMDIR")
+    analyze.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="output folder (created)")
+    analyze.add_argument(
+        "--bundle", type=Path, default=None, metavar="PATH",
+        help="segmentation bundle folder: a cine_seg run or an imported CineMA bundle",
+    )  # fmt: skip
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze.set_defaults(handler=_cmd_analyze)
+
+    cinema = commands.add_parser(
+        "import-cinema",
+        help="turn a CineMA checkpoint (+ its config.yaml) into a medssl bundle",
+        description="Convert a checkpoint published by CineMA (Fu et al., 2025; safetensors with its config.yaml "
+        "beside it, as laid out in CineMA's model repository, which you download yourself) into a medssl bundle "
+        "whose network is medssl's own: configs/, models/model.safetensors, docs/.",
+    )
+    cinema.add_argument("source", type=Path, help="a CineMA .safetensors file, or the folder holding it")
+    cinema.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="new bundle folder")
+    cinema.set_defaults(handler=_cmd_import_cinema)
     return parser
 
 

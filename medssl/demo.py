@@ -3,7 +3,9 @@
 1. ``cine_mae``: generate a phantom cine CMR cohort and pre-train a small CineMA-style MAE on it;
 2. ``cine_seg``: fine-tune the pretrained encoder to segment the heart with only a few labelled subjects;
 3. evaluate on a held-out phantom cohort (a seed never trained on): Dice per structure on SAX ED and ES frames, and
-   the LVEF measured from the segmentation of the whole cycle against each subject's exact EF.
+   the LVEF measured from the segmentation of the whole cycle against each subject's exact EF;
+4. ``medssl analyze`` on one more held-out subject written as DICOM, as a clinician would run it: volumes, EF, DICOM
+   SEG and SR, and the report.
 
 Both runs share one MLflow store in the demo folder, so ``mlflow ui`` shows them side by side; the EF error is logged
 into the fine-tuning run.
@@ -74,7 +76,8 @@ def run_demo(
 
     Returns:
         ``{"pretrain": summary, "finetune": summary (with "evaluation"), "dice": {structure: mean SAX Dice},
-        "lvef_mae": LVEF mean absolute error in points, "function_rows": per-subject EF rows, "tracking_uri"}``.
+        "lvef_mae": LVEF mean absolute error in points, "function_rows": per-subject EF rows, "tracking_uri",
+        "analysis": the :class:`~medssl.clinical.analyze.AnalysisResult` of the DICOM study}``.
 
     Raises:
         ConfigError, DataError, CheckpointError: from the bundles.
@@ -83,13 +86,15 @@ def run_demo(
     from medssl.engine.bundles import parse_bundle_item, run_bundle
     from medssl.engine.tracking import log_to_run_folder
     from medssl.tasks.ejection_fraction import evaluate_function_from_segmentation, mean_abs_error
+    from medssl.clinical.analyze import analyze_dicom_folder
+    from medssl.data.phantom import ensure_cohort
     from medssl.tasks.segmentation import load_segmentation_predictor
 
     run_dir = Path(run_dir).resolve()
     tracking_uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    report(f"[1/3] pre-training a cine MAE on {settings.subjects} synthetic subjects ({settings.pretrain_epochs} epochs)")
+    report(f"[1/4] pre-training a cine MAE on {settings.subjects} synthetic subjects ({settings.pretrain_epochs} epochs)")
     mae_overrides = {
         "run_dir": str(run_dir / "cine_mae"),
         "num_subjects": settings.subjects,
@@ -101,7 +106,7 @@ def run_demo(
     pretrain = run_bundle("cine_mae", overrides=mae_overrides)
     cohort = parse_bundle_item("cine_mae", "data_source", overrides=mae_overrides)
 
-    report(f"[2/3] fine-tuning segmentation with {settings.labelled} labelled subjects ({settings.finetune_epochs} epochs)")
+    report(f"[2/4] fine-tuning segmentation with {settings.labelled} labelled subjects ({settings.finetune_epochs} epochs)")
     seg_overrides = {
         "run_dir": str(run_dir / "cine_seg"),
         "dataset_dir": str(cohort),
@@ -115,18 +120,20 @@ def run_demo(
     }
     run_bundle("cine_seg", overrides=seg_overrides)
 
-    report(f"[3/3] evaluating on {settings.eval_subjects} held-out subjects: Dice, and LVEF over the whole cycle")
+    report(f"[3/4] evaluating on {settings.eval_subjects} held-out subjects: Dice, and LVEF over the whole cycle")
     finetune = run_bundle("cine_seg", _SEG_CONFIGS, overrides=seg_overrides)
     metrics = finetune["evaluation"]["metrics"]
     dice = {name: metrics[f"eval_sax_dice_{name}"] for name in ("LV", "MYO", "RV")}
-    network_keys = ("views", "model", "finetune_mode", "inference")
-    predictor = load_segmentation_predictor(
-        run_dir / "cine_seg", {key: seg_overrides[key] for key in network_keys if key in seg_overrides}
-    )
+    # The finished run folder is a bundle with the settings it was trained with.
+    predictor = load_segmentation_predictor(run_dir / "cine_seg")
     held_out = parse_bundle_item("cine_seg", "eval_data_source", _SEG_CONFIGS, seg_overrides)
     rows = evaluate_function_from_segmentation(predictor, load_cine_datalist(held_out, ["sax"], metadata=True))
     lvef_mae = mean_abs_error(rows, "lv_ef_pct")
     log_to_run_folder(run_dir / "cine_seg", {"eval_lvef_mae": lvef_mae}, tracking_uri=tracking_uri)
+
+    report("[4/4] medssl analyze on a synthetic DICOM study: volumes, EF, DICOM SEG and SR, report")
+    study = ensure_cohort(run_dir / "dicom_study", 1, seed=settings.seed + 2000, dicom=True, progress=False)
+    analysis = analyze_dicom_folder(study.parent / "sub-0000" / "dicom", run_dir / "analysis", run_dir / "cine_seg")
     return {
         "pretrain": pretrain,
         "finetune": finetune,
@@ -134,4 +141,5 @@ def run_demo(
         "lvef_mae": lvef_mae,
         "function_rows": rows,
         "tracking_uri": tracking_uri,
+        "analysis": analysis,
     }

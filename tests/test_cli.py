@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from medssl import cli
+from medssl.clinical.analyze import AnalysisResult, StudyOutcome
+from medssl.clinical.cardiac import CardiacFunction
 from medssl.engine import bundles
 from medssl.errors import DataError
 
@@ -233,6 +235,10 @@ def test_demo_passes_its_settings_and_prints_dice_and_ef_error(monkeypatch, caps
             "dice": {"LV": 0.91, "MYO": 0.82, "RV": 0.86},
             "lvef_mae": 3.25,
             "tracking_uri": f"sqlite:///{run_dir}/mlflow.db",
+            "analysis": AnalysisResult(run_dir / "analysis", [StudyOutcome(
+                "study 1 (abc123)", folder=run_dir / "analysis" / "study-1-abc123",
+                function=CardiacFunction(0, 9, 150.0, 60.0, 90.0, 60.0, 160.0, 70.0, 90.0, 56.25, 120.0),
+            )], [], {}),
         }
 
     monkeypatch.setattr(medssl.demo, "run_demo", fake_demo)
@@ -244,3 +250,4 @@ def test_demo_passes_its_settings_and_prints_dice_and_ef_error(monkeypatch, caps
     assert "held-out SAX Dice (3 subjects, ED and ES, 2 labelled):  LV 0.910, MYO 0.820, RV 0.860" in out
     assert "3.2 EF points (mean)" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db" in out
+    assert f"LVEF 60.0 %; report: {tmp_path.resolve() / 'analysis' / 'study-1-abc123' / 'report.pdf'}" in out

@@ -23,7 +23,7 @@ FINETUNE = {
     "batch_size": 2, "samples_per_epoch": 2, "cache_workers": 1,
     "views": {"sax": {"image_size": [32, 32, 4], "spacing": [4.0, 4.0, None], "patch_size": [8, 8, 1]}},
     "model": {**ENCODER, "drop_path_rate": 0.0, "feature_size": 4},
-    "inference": {"sw_batch_size": 4, "overlap": 0.0},
+    "inference#overlap": 0.0,
 }
 
 
@@ -33,7 +33,7 @@ def test_demo_pretrains_finetunes_and_reports_dice_and_ef_error(tmp_path):
     settings = DemoSettings(subjects=2, pretrain_epochs=1, labelled=1, finetune_epochs=1, eval_subjects=1)
     result = run_demo(tmp_path / "demo", settings, PRETRAIN, FINETUNE, report=lines.append)
 
-    assert [line[:5] for line in lines] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     assert set(result["dice"]) == {"LV", "MYO", "RV"}
     assert all(0.0 <= value <= 1.0 for value in result["dice"].values())
     [row] = result["function_rows"]
@@ -49,6 +49,9 @@ def test_demo_pretrains_finetunes_and_reports_dice_and_ef_error(tmp_path):
     if math.isfinite(result["lvef_mae"]):
         assert seg_run.data.metrics["eval_lvef_mae"] == pytest.approx(result["lvef_mae"])
     assert "eval_sax_dice_LV" in seg_run.data.metrics
+    [study] = result["analysis"].studies  # medssl analyze on a synthetic DICOM study, with the demo's model
+    assert study.analysed and (study.folder / "report.pdf").is_file() and (study.folder / "segmentation.dcm").is_file()
+    assert study.folder.parent == tmp_path / "demo" / "analysis"
 
 
 @pytest.mark.parametrize(

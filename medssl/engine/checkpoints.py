@@ -57,6 +57,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates the file private (0600); the result gets the permissions of any file created here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -36,6 +36,7 @@ __all__ = [
     "MultiViewEncoder",
     "ViewPositions",
     "parse_views",
+    "check_view_images",
     "new_view_embeddings",
     "check_mask",
     "init_transformer_weights",
@@ -459,7 +460,7 @@ class MultiViewEncoder(nn.Module):
         self.vit = ViTEncoder(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, grad_checkpointing)
 
     def check_images(self, images: Mapping[str, Tensor]) -> int:
-        """Validate view images against the view geometry.
+        """Validate view images against the view geometry (:func:`check_view_images`).
 
         Args:
             images: view name -> ``[B, C, *image_size]``; at least one view.
@@ -468,26 +469,9 @@ class MultiViewEncoder(nn.Module):
             The batch size ``B``.
 
         Raises:
-            ValueError: for an unknown view, a wrong number of axes, channels or spatial size, or batch sizes that
-                differ between views (the message names the view and prints the shapes).
+            ValueError: see :func:`check_view_images`.
         """
-        if not images:
-            raise ValueError(f"no view images given; expected some of {list(self.views)}.")
-        batch_sizes = {}
-        for name, image in images.items():
-            if name not in self.views:
-                raise ValueError(f"unknown view {name!r}; this model has views {list(self.views)}.")
-            spec = self.views[name]
-            expected = (spec.in_channels, *spec.image_size)
-            if image.ndim != 2 + len(spec.image_size) or tuple(image.shape[1:]) != expected:
-                raise ValueError(
-                    f"view {name!r}: expected images [B, {', '.join(map(str, expected))}] "
-                    f"({len(spec.image_size)} spatial axes), got shape {tuple(image.shape)}."
-                )
-            batch_sizes[name] = image.shape[0]
-        if len(set(batch_sizes.values())) > 1:
-            raise ValueError(f"views must share the batch size, got {batch_sizes}.")
-        return next(iter(batch_sizes.values()))
+        return check_view_images(self.views, images)
 
     def embed(
         self, images: Mapping[str, Tensor], masks: Mapping[str, MaskOutput] | None = None
@@ -536,6 +520,39 @@ class MultiViewEncoder(nn.Module):
         """
         tokens, counts = self.embed(images, masks)
         return dict(zip(counts, self.vit(tokens).split(list(counts.values()), dim=1)))
+
+
+def check_view_images(views: Mapping[str, ViewSpec], images: Mapping[str, Tensor]) -> int:
+    """Validate view images against view geometries.
+
+    Args:
+        views: view name -> geometry.
+        images: view name -> ``[B, C, *image_size]``; at least one view.
+
+    Returns:
+        The batch size ``B``.
+
+    Raises:
+        ValueError: for an unknown view, a wrong number of axes, channels or spatial size, or batch sizes that
+            differ between views (the message names the view and prints the shapes).
+    """
+    if not images:
+        raise ValueError(f"no view images given; expected some of {list(views)}.")
+    batch_sizes = {}
+    for name, image in images.items():
+        if name not in views:
+            raise ValueError(f"unknown view {name!r}; this model has views {list(views)}.")
+        spec = views[name]
+        expected = (spec.in_channels, *spec.image_size)
+        if image.ndim != 2 + len(spec.image_size) or tuple(image.shape[1:]) != expected:
+            raise ValueError(
+                f"view {name!r}: expected images [B, {', '.join(map(str, expected))}] "
+                f"({len(spec.image_size)} spatial axes), got shape {tuple(image.shape)}."
+            )
+        batch_sizes[name] = image.shape[0]
+    if len(set(batch_sizes.values())) > 1:
+        raise ValueError(f"views must share the batch size, got {batch_sizes}.")
+    return next(iter(batch_sizes.values()))
 
 
 def parse_views(views: Mapping[str, ViewSpec | Mapping]) -> dict[str, ViewSpec]:

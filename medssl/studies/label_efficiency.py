@@ -152,7 +152,7 @@ DEFAULT_SETTINGS = StudySettings(
         "views": _SAX_3MM,
         "epochs": 10,
         "optim#warmup_epochs": 1,
-        "inference": {"sw_batch_size": 4, "overlap": 0.25},
+        "inference#overlap": 0.25,
     },
 )
 
@@ -173,7 +173,7 @@ QUICK_SETTINGS = StudySettings(
         "model": {**_TINY_MODEL, "drop_path_rate": 0.1, "feature_size": 4},
         "epochs": 1,
         "samples_per_epoch": 2,
-        "inference": {"sw_batch_size": 4, "overlap": 0.0},
+        "inference#overlap": 0.0,
     },
     pretrain={
         **_TINY_RUN,

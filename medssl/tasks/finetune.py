@@ -20,6 +20,7 @@ https://arxiv.org/abs/2506.00679):
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -42,10 +43,15 @@ from medssl.engine.optim import weight_decay_param_groups
 from medssl.engine.tracking import log_to_run_folder
 from medssl.errors import CheckpointError, DataError
 from medssl.methods.mae import ENCODER_PREFIX
-from medssl.nets.vit import MultiViewEncoder
+from medssl.nets.patch_embed import ViewSpec
+from medssl.nets.vit import MultiViewEncoder, ViTEncoder
 
 __all__ = [
     "FINETUNE_MODES",
+    "ENCODER_METADATA_KEY",
+    "checkpoint_encoder_description",
+    "described_encoder_checkpoint",
+    "build_described_encoder",
     "load_pretrained_encoder",
     "EncoderTaskNetwork",
     "layer_decay_param_groups",
@@ -58,10 +64,86 @@ __all__ = [
 #: frozen encoder and a linear head (the standard test of a representation).
 FINETUNE_MODES = ("full", "frozen", "linear_probe")
 
-# Per-view parameters of a MultiViewEncoder: "patch_embed.<view>.*" and "view_embed.<view>".
-_VIEW_PARAMETER = re.compile(r"^(patch_embed|view_embed)\.([^.]+)(\.|$)")
+#: safetensors metadata key of a checkpoint whose encoder is not a MultiViewEncoder (e.g. an imported CineMA encoder):
+#: JSON ``{"target": "medssl.nets.<module>.<Class>", "args": {...}, "prefix": "<its keys' prefix>"}``; the class is
+#: built as ``Class(views, **args)`` with the task's views ``{name: {"image_size", "in_channels"}}``.
+ENCODER_METADATA_KEY = "medssl_encoder"
+# Per-view parameters of an encoder: "patch_embed.<view>.*" and "view_embed.<view>" (MultiViewEncoder),
+# "view_encoders.<view>.*" and "fusion.<view>.*" (CineMAEncoder).
+_VIEW_PARAMETER = re.compile(r"^(patch_embed|view_embed|view_encoders|fusion)\.([^.]+)(\.|$)")
 _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
+
+
+def checkpoint_encoder_description(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The encoder architecture a checkpoint carries in its safetensors metadata (:data:`ENCODER_METADATA_KEY`).
+
+    Args:
+        path: a checkpoint.
+
+    Returns:
+        the description, or None when the file is missing, not safetensors or has none (a MultiViewEncoder).
+
+    Raises:
+        CheckpointError: when the description is not valid JSON or names a class outside ``medssl.nets``.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(ENCODER_METADATA_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if text is None:
+        return None
+    try:
+        description = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its '{ENCODER_METADATA_KEY}' metadata is not JSON: {e}") from e
+    target = description.get("target", "") if isinstance(description, dict) else ""
+    # Metadata comes with the file: only medssl's own network classes may be built from it.
+    if not re.fullmatch(r"medssl\.nets\.\w+\.\w+", target) or not isinstance(description.get("args"), dict):
+        raise CheckpointError(
+            f"{path}: its '{ENCODER_METADATA_KEY}' metadata must name a medssl.nets class and its args, got {text!r}."
+        )
+    return description
+
+
+def described_encoder_checkpoint(path: str | os.PathLike | bool | None) -> str | None:
+    """The absolute path of a pre-training checkpoint that describes its own encoder (an imported one), else None.
+
+    What a finished run records for inference (:func:`medssl.engine.bundles.export_inference_bundle`): a run
+    fine-tuned from such a checkpoint rebuilds that encoder from it (:meth:`EncoderTaskNetwork.use_checkpoint_encoder`);
+    a run from a medssl checkpoint or from scratch needs nothing.
+
+    Raises:
+        CheckpointError: see :func:`checkpoint_encoder_description`.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        return None
+    return os.path.abspath(path) if checkpoint_encoder_description(path) is not None else None
+
+
+def build_described_encoder(description: Mapping[str, Any], views: Mapping[str, ViewSpec]) -> nn.Module:
+    """A new encoder of the architecture a checkpoint describes, for the task's views (random weights).
+
+    Args:
+        description: from :func:`checkpoint_encoder_description`.
+        views: the task's view geometries (image size and channels are used; the patch size is the encoder's own).
+
+    Returns:
+        the encoder, with the interface fine-tuning uses (``views``, ``embed_dim``, ``embed``, ``vit``).
+
+    Raises:
+        CheckpointError: when the class does not exist or rejects the views.
+    """
+    module, name = description["target"].rsplit(".", 1)
+    try:
+        encoder_class = getattr(importlib.import_module(module), name)
+        geometry = {view: {"image_size": s.image_size, "in_channels": s.in_channels} for view, s in views.items()}
+        return encoder_class(geometry, **description["args"])
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot build the checkpoint's encoder {description['target']} for views {dict(views)}: {e}"
+        ) from e
 
 
 def load_pretrained_encoder(
@@ -164,8 +246,13 @@ class EncoderTaskNetwork(nn.Module):
         return self
 
     def no_weight_decay(self) -> list[str]:
-        """The view embeddings: learnable tokens get no weight decay, as MAE's positional embedding and class token."""
-        names = (name for name, _ in self.encoder.named_parameters() if name.startswith("view_embed."))
+        """The view embeddings and a class token: learnable tokens get no weight decay, as MAE's positional embedding
+        and class token."""
+        names = (
+            name
+            for name, _ in self.encoder.named_parameters()
+            if name.startswith("view_embed.") or name == "vit.cls_token"
+        )
         return [f"{ENCODER_PREFIX}{name}" for name in names]
 
     def load_pretrained(self: _T, path: str | os.PathLike | bool | None) -> _T:
@@ -185,8 +272,46 @@ class EncoderTaskNetwork(nn.Module):
             return self
         if path is True:
             raise CheckpointError("pretrained must be a checkpoint path, or False / None to train from scratch.")
-        load_pretrained_encoder(self.encoder, path, adapt=self.adapt_pretrained_weights)
+        description = checkpoint_encoder_description(path)
+        self.use_checkpoint_encoder(path)
+        prefix = ENCODER_PREFIX if description is None else str(description.get("prefix", ENCODER_PREFIX))
+        load_pretrained_encoder(self.encoder, path, prefix=prefix, adapt=self.adapt_pretrained_weights)
         return self
+
+    def use_checkpoint_encoder(self: _T, path: str | os.PathLike | bool | None) -> _T:
+        """Give the network the encoder architecture a checkpoint describes (:data:`ENCODER_METADATA_KEY`), without
+        loading weights; checkpoints without a description (a MultiViewEncoder) leave the encoder as it is.
+
+        A run fine-tuned from such a checkpoint is reloaded with
+        ``load_network_weights(network_def.use_checkpoint_encoder(pretrained), final_weights)``.
+
+        Args:
+            path: the pre-training checkpoint; ``None``, ``False`` or ``""`` change nothing.
+
+        Returns:
+            the network.
+
+        Raises:
+            CheckpointError: see :func:`checkpoint_encoder_description`, :func:`build_described_encoder` and
+                :meth:`replace_encoder`.
+        """
+        if path is None or path is False or path == "" or path is True:
+            return self
+        description = checkpoint_encoder_description(path)
+        if description is not None:
+            self.replace_encoder(build_described_encoder(description, self.encoder.views))
+        return self
+
+    def replace_encoder(self, encoder: nn.Module) -> None:
+        """Swap in an encoder of another architecture; subclasses that can rebuild their heads for it override this.
+
+        Raises:
+            CheckpointError: always here: this task network's heads are tied to its encoder.
+        """
+        raise CheckpointError(
+            f"{type(self).__name__} cannot fine-tune a {type(encoder).__name__} encoder; use a medssl pre-training "
+            "checkpoint (or one for a task that supports it, e.g. cine_seg)."
+        )
 
     def adapt_pretrained_weights(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Hook for subclasses whose encoder differs from the pre-trained one in a known way (e.g. input channels).
@@ -259,8 +384,11 @@ def layer_decay_param_groups(
         raise ValueError(f"lr must be > 0 and layer_decay in (0, 1], got lr={lr}, layer_decay={layer_decay}.")
     module = unwrap_model(network)
     encoder = getattr(module, "encoder", None)
-    if not isinstance(encoder, MultiViewEncoder):
-        raise ValueError(f"{type(module).__name__} has no MultiViewEncoder 'encoder' to count layers in.")
+    if not isinstance(getattr(encoder, "vit", None), ViTEncoder):
+        raise ValueError(
+            f"{type(module).__name__} has no MultiViewEncoder 'encoder' (nor another encoder with a ViTEncoder 'vit') "
+            "to count layers in."
+        )
     depth = len(encoder.vit.blocks)
     decayed = {id(p) for p in weight_decay_param_groups(module, weight_decay)[0]["params"]}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}

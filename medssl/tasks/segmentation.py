@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, LoadImage, SpatialResample
 from scipy import ndimage
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from medssl.data.cine import SAX_VIEW, label_key
 from medssl.data.cine_labelled import CARDIAC_CLASSES, SegmentationView, check_label_values, cine_preprocessing
@@ -388,6 +390,7 @@ class CineSegmentationPredictor:
         if min_lv_enclosure is not None and not 0.0 <= min_lv_enclosure <= 1.0:
             raise ValueError(f"min_lv_enclosure must lie in [0, 1] or be None, got {min_lv_enclosure!r}.")
         self.min_lv_enclosure = min_lv_enclosure
+        self.timings: dict[str, float] = {}  # seconds per stage of the last predict()
         self.network = network
         self.largest_component = largest_component
         self.roi_margin_mm = roi_margin_mm
@@ -407,7 +410,9 @@ class CineSegmentationPredictor:
         return self.views[view]
 
     @torch.no_grad()
-    def predict(self, cine: MetaTensor, view: str, frames: Sequence[int] | None = None) -> np.ndarray:
+    def predict(
+        self, cine: MetaTensor, view: str, frames: Sequence[int] | None = None, progress: bool = False
+    ) -> np.ndarray:
         """Segment frames of one cine.
 
         Args:
@@ -415,6 +420,7 @@ class CineSegmentationPredictor:
                 it.
             view: the view name.
             frames: the frames to segment; None for all.
+            progress: show a progress bar over the frames.
 
         Returns:
             uint8 ``[H, W, S, len(frames)]`` (LAX ``[H, W, 1, len(frames)]``) class ids on the input grid.
@@ -427,17 +433,22 @@ class CineSegmentationPredictor:
         frames = list(range(num_frames)) if frames is None else [int(t) for t in frames]
         if any(not 0 <= t < num_frames for t in frames):
             raise ValueError(f"frames {frames} out of range for a cine of {num_frames} frames.")
+        started = time.perf_counter()
         # The whole cine is pre-processed, as in training: its intensity percentiles are those of every frame.
         channel_first = MetaTensor(cine.as_tensor().float().permute(3, 0, 1, 2), affine=cine.affine)
         resampled = self.preprocessing[view]({"image": channel_first})["image"]
+        resampled_at = time.perf_counter()
         was_training = self.network.training
         self.network.eval()
         try:
             out = [self._frame_probabilities(resampled[frames[0] : frames[0] + 1], spec)]
             roi = self._heart_roi(out[0], resampled) if len(frames) > 1 else None
-            out += [self._frame_probabilities(resampled[t : t + 1], spec, roi) for t in frames[1:]]
+            rest = tqdm(frames[1:], desc="segmenting frames", unit="frame", initial=1, total=len(frames),
+                        disable=not progress, leave=False)  # fmt: skip
+            out += [self._frame_probabilities(resampled[t : t + 1], spec, roi) for t in rest]
         finally:
             self.network.train(was_training)
+        inferred_at = time.perf_counter()
         restore = SpatialResample(mode="bilinear", padding_mode="border")
         labels = []
         for probabilities in out:
@@ -448,6 +459,11 @@ class CineSegmentationPredictor:
             if spec.is_stack and self.min_lv_enclosure is not None:
                 frame = exclude_unenclosed_lv_slices(frame, self.min_lv_enclosure)
             labels.append(frame)
+        self.timings = {
+            "resample_s": resampled_at - started,
+            "infer_s": inferred_at - resampled_at,
+            "restore_s": time.perf_counter() - inferred_at,
+        }
         return np.stack(labels, axis=-1)
 
     def _heart_roi(self, probabilities: MetaTensor, resampled: MetaTensor) -> tuple[slice, slice] | None:

@@ -24,7 +24,7 @@ TINY = {
         "batch_size": 2, "samples_per_epoch": 2, "cache_workers": 1,
         "views": {"sax": {"image_size": [32, 32, 4], "spacing": [4.0, 4.0, None], "patch_size": [8, 8, 1]}},
         "model": {**ENCODER, "drop_path_rate": 0.0, "feature_size": 4},
-        "inference": {"sw_batch_size": 4, "overlap": 0.0},
+        "inference#overlap": 0.0,
     },
 }
 

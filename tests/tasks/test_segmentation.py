@@ -346,7 +346,7 @@ def test_a_trained_run_loads_as_a_predictor(tmp_path):
     views = {"sax": {"image_size": [16, 16, 4], "spacing": [SPACING, SPACING, None], "patch_size": [8, 8, 1]}}
     model = {"embed_dim": 12, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_embed": "linear",
              "drop_path_rate": 0.0, "feature_size": 2}
-    overrides = {"views": views, "model": model, "inference": {"sw_batch_size": 2, "overlap": 0.25}}
+    overrides = {"views": views, "model": model, "inference#sw_batch_size": 2, "inference#overlap": 0.25}
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         load_segmentation_predictor(tmp_path / "run", overrides)
     trained = ViTSegmenter({"sax": {"image_size": (16, 16, 4), "patch_size": (8, 8, 1)}}, num_classes=4, **model)

@@ -17,6 +17,7 @@ from medssl.data.phantom.cohort import (
     PhantomOptions,
     ensure_cohort,
     generate_subject,
+    is_phantom_cohort,
     subject_seed,
     write_cohort,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "PhantomOptions",
     "ensure_cohort",
     "generate_subject",
+    "is_phantom_cohort",
     "subject_seed",
     "write_cohort",
 ]

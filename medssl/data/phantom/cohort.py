@@ -62,7 +62,15 @@ from medssl.data.phantom.render import (
 from medssl.data.phantom.torso import sample_torso
 from medssl.errors import DataError, MedsslError
 
-__all__ = ["CinePhantom", "PhantomOptions", "ensure_cohort", "generate_subject", "subject_seed", "write_cohort"]
+__all__ = [
+    "CinePhantom",
+    "PhantomOptions",
+    "ensure_cohort",
+    "generate_subject",
+    "is_phantom_cohort",
+    "subject_seed",
+    "write_cohort",
+]
 
 GENERATOR = "medssl.data.phantom"
 LANDMARK_NAMES = ("mitral_hinge_septal", "mitral_hinge_lateral", "apex")
@@ -525,3 +533,25 @@ def ensure_cohort(out_dir: str | os.PathLike, num_subjects: int, seed: int = 0, 
         if _cohort_matches(manifest_path, int(num_subjects), int(seed), dicom, options):
             return manifest_path
         return _write_cohort_locked(Path(out_dir), int(num_subjects), int(seed), dicom, num_workers, progress, options)
+
+
+def is_phantom_cohort(source: str | os.PathLike | None) -> bool:
+    """Whether training data is synthetic: ``None`` (the bundles then generate a phantom cohort) or a cohort folder
+    (or its ``manifest.json``) written by this generator.
+
+    Bundles record it with their trained model, so that whoever applies the model learns that it has seen
+    synthetic images only (``medssl analyze`` says so on its report).
+
+    Args:
+        source: a bundle's ``dataset_dir``: a folder, a manifest path, or None.
+
+    Returns:
+        True for generated phantom data; False for anything else, including unreadable manifests.
+    """
+    if source is None:
+        return True
+    manifest = Path(source) / "manifest.json" if Path(source).is_dir() else Path(source)
+    try:
+        return json.loads(manifest.read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
