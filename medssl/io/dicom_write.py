@@ -128,6 +128,22 @@ class PhantomIdentity:
             study_time=f"{study_hour:02d}{study_minute:02d}{study_second:02d}",
         )
 
+    def patient_study_attributes(self, study_description: str) -> dict[str, str]:
+        """Patient and General Study module attributes (DICOM keyword -> value) of this identity."""
+        return {
+            "PatientName": self.patient_name,
+            "PatientID": self.patient_id,
+            "PatientBirthDate": self.patient_birth_date,
+            "PatientSex": self.patient_sex,
+            "StudyInstanceUID": self.study_instance_uid,
+            "StudyDate": self.study_date,
+            "StudyTime": self.study_time,
+            "ReferringPhysicianName": "",
+            "StudyID": self.accession_number[-8:],
+            "AccessionNumber": self.accession_number,
+            "StudyDescription": study_description,
+        }
+
     @property
     def frame_of_reference_uid(self) -> str:
         """The Frame of Reference UID shared by every series of the study, so SAX and LAX geometry is comparable."""
@@ -243,19 +259,7 @@ def _base_dataset(
     return {
         "SpecificCharacterSet": "ISO_IR 192",
         "SOPClassUID": MR_IMAGE_STORAGE,
-        # Patient
-        "PatientName": identity.patient_name,
-        "PatientID": identity.patient_id,
-        "PatientBirthDate": identity.patient_birth_date,
-        "PatientSex": identity.patient_sex,
-        # General Study
-        "StudyInstanceUID": identity.study_instance_uid,
-        "StudyDate": identity.study_date,
-        "StudyTime": identity.study_time,
-        "ReferringPhysicianName": "",
-        "StudyID": identity.accession_number[-8:],
-        "AccessionNumber": identity.accession_number,
-        "StudyDescription": "Cine CMR (synthetic phantom)",
+        **identity.patient_study_attributes("Cine CMR (synthetic phantom)"),
         # General Series
         "Modality": "MR",
         "SeriesInstanceUID": series_uid,

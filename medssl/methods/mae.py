@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from medssl.masking import MaskGenerator, MaskOutput, RandomMasking
 from medssl.nets.mae_decoder import MAEDecoder
 from medssl.nets.patch_embed import ViewSpec
-from medssl.nets.tokens import patchify, unpatchify
+from medssl.nets.tokens import patchify
 from medssl.nets.vit import MultiViewEncoder
-from medssl.objectives import masked_reconstruction_loss
+from medssl.objectives import masked_reconstruction_images, masked_reconstruction_loss
 
 __all__ = ["ENCODER_PREFIX", "MultiViewMAE", "MaskedAutoencoder"]
 
@@ -25,9 +25,6 @@ __all__ = ["ENCODER_PREFIX", "MultiViewMAE", "MaskedAutoencoder"]
 #: ``encoder_state_dict()``) to load them strictly into a :class:`~medssl.nets.vit.MultiViewEncoder` of the same
 #: configuration.
 ENCODER_PREFIX = "encoder."
-
-# The norm_pix statistics of medssl.objectives.masked_reconstruction_loss, needed to map predictions back to pixels.
-_NORM_PIX_EPS = 1e-6
 
 
 class MultiViewMAE(nn.Module):
@@ -185,22 +182,12 @@ class MultiViewMAE(nn.Module):
             input with hidden patches zeroed, and the visible input patches completed by the predicted hidden ones
             (mapped back to pixels with the target's own patch statistics under ``norm_pix_loss``).
         """
-        figures = {}
-        for name, pred in output["pred"].items():
-            spec, image = self.views[name], batch[name]
-            target = patchify(image, spec.patch_size)
-            pred = pred.detach().to(target.dtype)
-            if self.norm_pix_loss:
-                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-                pred = pred * (var + _NORM_PIX_EPS).sqrt() + mean
-            hidden = output["mask"][name].unsqueeze(-1)
-            to_image = lambda tokens: unpatchify(tokens, spec.patch_size, spec.grid, spec.in_channels)  # noqa: E731
-            figures[name] = {
-                "input": image,
-                "masked": to_image(target.masked_fill(hidden, 0.0)),
-                "reconstruction": to_image(torch.where(hidden, pred, target)),
-            }
-        return figures
+        return {
+            name: masked_reconstruction_images(
+                batch[name], pred, output["mask"][name], self.views[name].patch_size, norm_pix=self.norm_pix_loss
+            )
+            for name, pred in output["pred"].items()
+        }
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's parameters without :data:`ENCODER_PREFIX`, for a ``MultiViewEncoder`` of the same config.

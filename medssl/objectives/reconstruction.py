@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["masked_reconstruction_loss", "MaskedReconstructionLoss"]
+from medssl.nets.tokens import grid_size, patchify, unpatchify
+
+__all__ = ["masked_reconstruction_loss", "masked_reconstruction_images", "MaskedReconstructionLoss"]
 
 
 def masked_reconstruction_loss(
@@ -49,6 +53,43 @@ def masked_reconstruction_loss(
     if not bool(num_masked > 0):
         raise ValueError(f"mask {tuple(mask.shape)} masks no token: the reconstruction loss is undefined.")
     return (per_token * weights).sum() / num_masked
+
+
+@torch.no_grad()
+def masked_reconstruction_images(
+    image: Tensor, pred: Tensor, mask: Tensor, patch_size: Sequence[int], norm_pix: bool = False, eps: float = 1e-6
+) -> dict[str, Tensor]:
+    """Figure images of a masked reconstruction: the input, what the encoder saw and the completed image.
+
+    Args:
+        image: ``[B, C, *spatial]`` the input.
+        pred: ``[B, N, P]`` predicted patches in :func:`~medssl.nets.tokens.patchify` layout (per-patch normalised
+            under ``norm_pix``, as :func:`masked_reconstruction_loss` scores them).
+        mask: ``[B, N]`` bool, True where a patch was hidden.
+        patch_size: patch size per spatial axis.
+        norm_pix: map ``pred`` back to pixels with each target patch's own mean and unbiased variance.
+        eps: the variance offset of ``norm_pix``.
+
+    Returns:
+        ``{"input", "masked", "reconstruction"}``, each ``[B, C, *spatial]``: the input, the input with hidden patches
+        zeroed, and the visible patches completed by the predicted hidden ones.
+
+    Raises:
+        ValueError: when the patch size does not divide the image or ``pred`` does not have its patches' shape.
+    """
+    target = patchify(image, patch_size)
+    pred = pred.detach().to(target.dtype)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} must have the image's patch shape {tuple(target.shape)}.")
+    if norm_pix:
+        pred = pred * (target.var(dim=-1, keepdim=True) + eps).sqrt() + target.mean(dim=-1, keepdim=True)
+    hidden = mask.unsqueeze(-1)
+    grid = grid_size(image.shape[2:], patch_size)
+    return {
+        "input": image,
+        "masked": unpatchify(target.masked_fill(hidden, 0.0), patch_size, grid, image.shape[1]),
+        "reconstruction": unpatchify(torch.where(hidden, pred, target), patch_size, grid, image.shape[1]),
+    }
 
 
 class MaskedReconstructionLoss(nn.Module):

@@ -329,8 +329,7 @@ def _write_subject(out_dir: Path, index: int, seed: int, group: str, dicom: bool
     """Generate subject ``index`` and write it atomically; returns its manifest entry."""
     subject_id = f"sub-{index:04d}"
     phantom = generate_subject(seed, group=group, subject_id=subject_id, **options)
-    staging = Path(tempfile.mkdtemp(prefix=f".{subject_id}.tmp-", dir=out_dir))
-    try:
+    with atomic_folder(out_dir, subject_id) as staging:
         interval = phantom.metadata["frame_interval_ms"]
         for name in VIEWS:
             image, label, affine = phantom.view(name)
@@ -339,14 +338,26 @@ def _write_subject(out_dir: Path, index: int, seed: int, group: str, dicom: bool
         if dicom:
             _write_dicom(phantom, staging / "dicom")
         (staging / "metadata.json").write_text(json.dumps(phantom.metadata, indent=1))
-        target = out_dir / subject_id
+    return _entry(subject_id, group)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path, name: str) -> Iterator[Path]:
+    """Yield a hidden staging folder in ``out_dir`` that replaces ``out_dir / name`` when the block completes.
+
+    On any exception the staging folder is removed and ``out_dir / name`` is left as it was, so a crashed writer
+    never leaves a half-written subject that looks complete. Stale staging folders are named ``.{name}.tmp-*``.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+    try:
+        yield staging
+        target = out_dir / name
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return _entry(subject_id, group)
 
 
 def _write_dicom(phantom: CinePhantom, folder: Path) -> None:
