@@ -124,7 +124,6 @@ def dicom_study_layout(tmp_path_factory, phantom_dicom_cohort) -> Callable[..., 
         transfer_syntax: re-encode every file (e.g. ``pydicom.uid.RLELossless``), default uncompressed.
         identifiers: ``{keyword: value}`` to set in every file (e.g. planted PatientName).
     """
-    import pydicom
     from pydicom.fileset import FileSet
 
     counter = iter(range(10**6))
