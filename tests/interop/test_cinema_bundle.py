@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medssl.data.phantom import ensure_cohort, generate_subject
-from medssl.engine.bundles import run_bundle
+from medssl import cli
+from medssl.tasks.segmentation import load_segmentation_predictor
 from medssl.engine.checkpoints import load_network_weights
 from medssl.errors import CheckpointError, ConfigError, DataError
 from medssl.interop.cinema_bundle import import_cinema
@@ -126,20 +127,22 @@ def test_foreign_encoders_are_refused_where_they_cannot_be_used(mae_bundle, tmp_
 
 
 @pytest.mark.slow
-def test_cine_seg_bundle_trains_and_evaluates_from_the_imported_encoder(mae_bundle, tmp_path):
+def test_medssl_finetune_trains_and_evaluates_cine_seg_from_the_imported_encoder(mae_bundle, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cohort = ensure_cohort(tmp_path / "cohort", 1, seed=0, num_frames=3, progress=False).parent
-    overrides = {"views": TINY_SAX, "model": TINY_MODEL, "epochs": 1, "batch_size": 2, "samples_per_subject": 2,
-                 "cache_workers": 1, "num_subjects": 1, "eval_num_subjects": 1,
-                 "inference#sw_batch_size": 16, "inference#overlap": 0.0, "run_dir": str(tmp_path / "run"),
-                 "dataset_dir": str(cohort), "eval_dataset_dir": str(cohort),
-                 "pretrained": str(mae_bundle / "models" / "model.safetensors")}
-    summary = run_bundle("cine_seg", ["configs/train.json"], overrides)
-    assert summary["epochs"] == 1 and np.isfinite(summary["final_loss"])
-    trained = load_file(str(tmp_path / "run" / "models" / "model.safetensors"))
+    settings = {"views": TINY_SAX, "model": TINY_MODEL, "batch_size": 2, "samples_per_subject": 2, "cache_workers": 1,
+                "num_subjects": 1, "eval_num_subjects": 1, "inference#sw_batch_size": 16, "inference#overlap": 0.0}
+    sets = [item for key, value in settings.items() for item in ("--set", f"{key}={json.dumps(value)}")]
+    run_dir = tmp_path / "run"
+    status = cli.main(["finetune", "cine_seg", "--pretrained", str(mae_bundle / "models" / "model.safetensors"),
+                       "--epochs", "1", "--data", str(cohort), "--eval-data", str(cohort), "--run-dir", str(run_dir),
+                       *sets])
+    assert status == 0
+    trained = load_file(str(run_dir / "models" / "model.safetensors"))
     assert "encoder.view_encoders.sax.stages.0.down.conv.weight" in trained
-    # evaluate.json reloads the run with the checkpoint's encoder architecture (the line its network_init needs).
-    reload = ("$medssl.engine.checkpoints.load_network_weights(@network_def.use_checkpoint_encoder(@pretrained), "
-              "@final_weights)")
-    run_bundle("cine_seg", ["configs/train.json", "configs/evaluate.json"], {**overrides, "network_init": reload})
-    evaluation = json.loads((tmp_path / "run" / "summary.json").read_text())["evaluation"]
-    assert evaluation["num_rows"] == 2  # ED and ES of the one subject
+    # evaluate.json rebuilt the CineMA encoder from the imported checkpoint to reload the run.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["evaluation"]["num_rows"] == 2  # ED and ES of the one subject
+    # So does the run folder, a bundle of its own.
+    predictor = load_segmentation_predictor(run_dir)
+    assert type(predictor.network.encoder).__name__ != "MultiViewEncoder"
