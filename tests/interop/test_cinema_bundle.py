@@ -13,16 +13,15 @@ from monai.data import MetaTensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from medssl.data.phantom import ensure_cohort, generate_subject
 from medssl import cli
-from medssl.tasks.segmentation import load_segmentation_predictor
+from medssl.data.phantom import ensure_cohort, generate_subject
 from medssl.engine.checkpoints import load_network_weights
 from medssl.errors import CheckpointError, ConfigError, DataError
 from medssl.interop.cinema_bundle import import_cinema
 from medssl.nets.cinema import CineMAEncoder
 from medssl.tasks.finetune import ENCODER_METADATA_KEY, layer_decay_param_groups
 from medssl.tasks.image_level import ImageLevelNetwork
-from medssl.tasks.segmentation import CineSegmentationPredictor, ViTSegmenter
+from medssl.tasks.segmentation import CineSegmentationPredictor, ViTSegmenter, load_segmentation_predictor
 
 TINY_SAX = {"sax": {"image_size": [32, 32, 4], "spacing": [4.0, 4.0, None], "patch_size": [8, 8, 1]}}
 TINY_MODEL = {"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_embed": "linear",
@@ -146,3 +145,29 @@ def test_medssl_finetune_trains_and_evaluates_cine_seg_from_the_imported_encoder
     # So does the run folder, a bundle of its own.
     predictor = load_segmentation_predictor(run_dir)
     assert type(predictor.network.encoder).__name__ != "MultiViewEncoder"
+
+@pytest.mark.parametrize("damage, message", [
+    ("not_safetensors", "is not a safetensors file"),
+    ("unknown_size", "'gigantic', not a CineMA model size"),
+    ("unexpected_key", "unexpected"),
+])
+def test_the_command_refuses_bad_checkpoints_with_one_line_and_status_2(cinema_fixture, tmp_path, capsys, damage,
+                                                                        message):
+    source = tmp_path / "source"
+    source.mkdir()
+    checkpoint = cinema_fixture.checkpoint("cls")
+    config = (checkpoint.parent / "config.yaml").read_text()
+    if damage == "unknown_size":
+        config = config.replace("size: tiny", "size: gigantic")
+    (source / "config.yaml").write_text(config)
+    if damage == "not_safetensors":
+        (source / checkpoint.name).write_bytes(b"not a checkpoint")
+    else:
+        state = load_file(str(checkpoint))
+        if damage == "unexpected_key":
+            state["head.extra_bias"] = torch.zeros(3)
+        save_file(state, str(source / checkpoint.name))
+    assert cli.main(["import-cinema", str(source / checkpoint.name), "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bundle").exists()
