@@ -34,10 +34,9 @@ from medssl.clinical.cardiac import CardiacFunction, cardiac_function, ventricul
 from medssl.data.cine import METADATA_KEY, SAX_VIEW, label_key
 from medssl.data.cine_labelled import SegmentationView
 from medssl.data.cine_phases import cine_phase_datalist
-from medssl.engine.bundles import parse_bundle_item
 from medssl.errors import DataError
 from medssl.tasks.image_level import predict_phases
-from medssl.tasks.segmentation import CineSegmentationPredictor, as_cine
+from medssl.tasks.segmentation import CineSegmentationPredictor, as_cine, load_segmentation_predictor
 
 __all__ = [
     "FUNCTION_TARGETS",
@@ -306,8 +305,8 @@ def evaluate_function_with_segmentation_bundle(
 ) -> list[dict[str, Any]]:
     """EF from a trained ``cine_seg`` run (:func:`evaluate_function_from_segmentation`), or nothing without one.
 
-    The predictor is the ``cine_seg`` bundle's own (its ``inference.json``, with ``run_dir`` and ``overrides``), so
-    a segmentation model with other views or encoder settings is read by passing those overrides.
+    The predictor is the run's own (:func:`~medssl.tasks.segmentation.load_segmentation_predictor`: the run
+    folder's ``configs/inference.json`` with the settings it was trained with, or the recipe's with ``overrides``).
 
     Args:
         run_dir: the ``cine_seg`` run folder (its weights: ``<run_dir>/models/model.safetensors``, or the
@@ -332,8 +331,7 @@ def evaluate_function_with_segmentation_bundle(
             "--segmentation_run_dir to add EF from segmentation)."
         )
         return []
-    overrides["run_dir"] = str(run_dir)
-    predictor = parse_bundle_item("cine_seg", "predictor", ["configs/inference.json"], overrides)
+    predictor = load_segmentation_predictor(run_dir, overrides)
     return evaluate_function_from_segmentation(predictor, datalist)
 
 

@@ -29,7 +29,9 @@ NETWORK = {"views": VIEWS, "model": {**ENCODER, "drop_path_rate": 0.1}}
 TINY = {**NETWORK, "epochs": 2, "batch_size": 2, "samples_per_epoch": 4, "cache_workers": 1, "num_subjects": 2,
         "eval_num_subjects": 1}
 SEGMENTATION = {"views": {"sax": {"image_size": [32, 32, 4], "spacing": [6.0, 6.0, None], "patch_size": [8, 8, 1]}},
-                "model": {**ENCODER, "drop_path_rate": 0.1, "feature_size": 4}}
+                "model": {**ENCODER, "drop_path_rate": 0.1, "feature_size": 4},
+                # Untrained weights: keep every LV cavity, ringed by myocardium or not, so that EF is defined.
+                "min_lv_enclosure": None}
 
 
 def exact(cohort, subject, key):
