@@ -13,7 +13,7 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from medssl import __version__
 from medssl.errors import MedsslError
@@ -22,8 +22,10 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
-PRETRAIN_RECIPES = ("cine_mae",)
-FINETUNE_CONFIGS = ("configs/train.json", "configs/evaluate.json")
+TRAIN_CONFIG = "configs/train.json"
+# A bundle that both pre-trains (train.json) and fine-tunes keeps its fine-tuning in finetune.json.
+FINETUNE_CONFIG = "configs/finetune.json"
+EVALUATE_CONFIG = "configs/evaluate.json"
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -165,7 +167,8 @@ def _print_tracking(uri: str, what: str) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from medssl.engine.bundles import run_bundle
 
-    summary = run_bundle(args.recipe, overrides=_bundle_overrides(args))
+    _known_recipe(args.recipe, pretrain_recipes(), "pre-training")
+    summary = run_bundle(args.recipe, [TRAIN_CONFIG], _bundle_overrides(args))
     _print_run_summary(summary)
     return 0
 
@@ -180,51 +183,83 @@ def _one_line_about(bundle: Path) -> str:
     return str(metadata.get("name") or str(metadata.get("description", "")).split(". ")[0]).strip()
 
 
-def finetune_recipes() -> dict[str, str]:
-    """The fine-tuning recipes: bundles whose ``configs/train.json`` has a ``pretrained`` key, with one line each.
+def _read_json(path: Path) -> dict | None:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
 
-    Returns:
-        recipe name -> one-line description, sorted by name (empty when the bundles folder is missing).
-    """
+
+def finetune_config(bundle: Path) -> str:
+    """The config a bundle fine-tunes with: ``configs/finetune.json`` when it has one, else ``configs/train.json``."""
+    return FINETUNE_CONFIG if (bundle / FINETUNE_CONFIG).is_file() else TRAIN_CONFIG
+
+
+def _recipes(fine_tuning: bool) -> dict[str, str]:
     from medssl.engine.bundles import bundles_root
 
     root = bundles_root()
     recipes = {}
     for bundle in sorted(root.iterdir()) if root.is_dir() else ():
-        try:
-            train = json.loads((bundle / FINETUNE_CONFIGS[0]).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(train, dict) and "pretrained" in train:
+        config = _read_json(bundle / (finetune_config(bundle) if fine_tuning else TRAIN_CONFIG))
+        if config is not None and ("pretrained" in config) == fine_tuning:
             recipes[bundle.name] = _one_line_about(bundle)
     return recipes
 
 
-def _finetune_epilog() -> str:
-    recipes = finetune_recipes()
-    width = max(map(len, recipes), default=0)
-    listed = "\n".join(f"  {name:<{width}}  {about}" for name, about in recipes.items()) or "  (none found)"
-    return (
-        f"recipes:\n{listed}\n\nexamples:\n"
-        "  medssl pretrain cine_mae --run-dir runs/cine_mae\n"
-        "  medssl finetune cine_seg --pretrained runs/cine_mae/models/model.safetensors --labelled 4\n"
-        "  medssl finetune cine_seg --scratch --epochs 20 --run-dir runs/cine_seg_scratch"
-    )
+def finetune_recipes() -> dict[str, str]:
+    """The fine-tuning recipes: bundles whose fine-tuning config (:func:`finetune_config`) has a ``pretrained`` key.
+
+    Returns:
+        recipe name -> one-line description, sorted by name (empty when the bundles folder is missing).
+    """
+    return _recipes(fine_tuning=True)
 
 
-def _finetune_recipe(recipe: str) -> Path:
-    """The folder of a fine-tuning recipe; raises ConfigError listing the known recipes for any other name."""
+def pretrain_recipes() -> dict[str, str]:
+    """The pre-training recipes: bundles whose ``configs/train.json`` has no ``pretrained`` key.
+
+    Returns:
+        recipe name -> one-line description, sorted by name (empty when the bundles folder is missing).
+    """
+    return _recipes(fine_tuning=False)
+
+
+def _known_recipe(recipe: str, recipes: Mapping[str, str], kind: str) -> Path:
+    """The folder of ``recipe``; raises ConfigError listing the known recipes of its kind for any other name."""
     import difflib
 
     from medssl.engine.bundles import bundle_dir
     from medssl.errors import ConfigError
 
-    recipes = finetune_recipes()
     if recipe not in recipes:
         close = difflib.get_close_matches(recipe, list(recipes), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown fine-tuning recipe '{recipe}'.{hint} Known: {', '.join(recipes) or 'none'}.")
+        raise ConfigError(f"unknown {kind} recipe '{recipe}'.{hint} Known: {', '.join(recipes) or 'none'}.")
     return bundle_dir(recipe)
+
+
+def _recipes_epilog(recipes: Mapping[str, str], examples: Sequence[str]) -> str:
+    width = max(map(len, recipes), default=0)
+    listed = "\n".join(f"  {name:<{width}}  {about}" for name, about in recipes.items()) or "  (none found)"
+    return f"recipes:\n{listed}\n\nexamples:\n" + "\n".join(f"  {example}" for example in examples)
+
+
+def _finetune_epilog() -> str:
+    return _recipes_epilog(finetune_recipes(), (
+        "medssl pretrain cine_mae --run-dir runs/cine_mae",
+        "medssl finetune cine_seg --pretrained runs/cine_mae/models/model.safetensors --labelled 4",
+        "medssl finetune cine_seg --scratch --epochs 20 --run-dir runs/cine_seg_scratch",
+    ))
+
+
+def _pretrain_epilog() -> str:
+    return _recipes_epilog(pretrain_recipes(), (
+        "medssl pretrain cine_mae --epochs 30 --run-dir runs/cine_mae",
+        "medssl pretrain cine_mae --data /data/cine_nifti",
+        "medssl pretrain cine_mae --set batch_size=16 --set model#mask_ratio=0.9",
+    ))
 
 
 def _pretrained_checkpoint(args: argparse.Namespace, bundle: Path) -> str | bool | None:
@@ -236,15 +271,17 @@ def _pretrained_checkpoint(args: argparse.Namespace, bundle: Path) -> str | bool
         return False
     path = args.pretrained
     if path is None:
-        default = json.loads((bundle / FINETUNE_CONFIGS[0]).read_text())["pretrained"]
+        default = json.loads((bundle / finetune_config(bundle)).read_text())["pretrained"]
         if not isinstance(default, str) or not default or default[0] in "$@%":
             return None
         path = Path(default)
     path = Path(path).resolve()
     if not path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "models" else Path("runs/cine_mae").resolve()
+        # The default checkpoints are runs/<pre-training recipe>/models/model.safetensors.
+        run_dir = path.parent.parent if path.parent.name == "models" else Path("runs", bundle.name).resolve()
+        recipe = run_dir.name if run_dir.name in pretrain_recipes() else "cine_mae"
         raise CheckpointError(
-            f"pretrained checkpoint {path} does not exist. Make one with `medssl pretrain cine_mae --run-dir "
+            f"pretrained checkpoint {path} does not exist. Make one with `medssl pretrain {recipe} --run-dir "
             f"{run_dir}` (it writes {run_dir / 'models' / 'model.safetensors'}) and pass it with --pretrained, "
             "or train from scratch with --scratch."
         )
@@ -263,15 +300,16 @@ def _print_evaluation(evaluation: dict) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from medssl.engine.bundles import run_bundle
 
-    bundle = _finetune_recipe(args.recipe)
+    bundle = _known_recipe(args.recipe, finetune_recipes(), "fine-tuning")
     overrides = _bundle_overrides(args)
     if "pretrained" not in overrides:
         pretrained = _pretrained_checkpoint(args, bundle)
         if pretrained is not None:
             overrides["pretrained"] = pretrained
-    summary = run_bundle(args.recipe, FINETUNE_CONFIGS[:1], overrides)
+    configs = [finetune_config(bundle), EVALUATE_CONFIG]
+    summary = run_bundle(args.recipe, configs[:1], overrides)
     if not args.no_evaluate:
-        summary = run_bundle(args.recipe, FINETUNE_CONFIGS, overrides)
+        summary = run_bundle(args.recipe, configs, overrides)
         _print_evaluation(summary["evaluation"])
     _print_run_summary(summary)
     return 0
@@ -417,11 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain",
         help="run a self-supervised pre-training bundle",
-        description="Run a pre-training recipe (a MONAI bundle under bundles/<recipe>). Without --data it trains "
-        "on a generated synthetic cohort. Results are tracked in MLflow (local SQLite store in the run folder, or "
-        "MLFLOW_TRACKING_URI).",
+        description=textwrap.fill(
+            "Run a pre-training recipe (a MONAI bundle under bundles/<recipe>, its configs/train.json). Without "
+            "--data it trains on a generated synthetic cohort. Results are tracked in MLflow (local SQLite store in "
+            "the run folder, or MLFLOW_TRACKING_URI).",
+            width=100,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help_epilog=_pretrain_epilog,
     )
-    pretrain.add_argument("recipe", choices=PRETRAIN_RECIPES, help="recipe name")
+    pretrain.add_argument("recipe", help="recipe name (listed below)")
     pretrain.add_argument("--data", type=Path, default=None, help="a NIfTI folder or a manifest.json")
     pretrain.add_argument("--epochs", type=_positive_int, default=None, help="training epochs")
     pretrain.add_argument("--subjects", type=_positive_int, default=None, help="size of the generated cohort")

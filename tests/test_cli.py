@@ -42,7 +42,8 @@ def test_no_command_prints_help_and_fails():
         (("phantom", "--subjects", "0", "--out", "x"), "expected a positive integer, got 0"),
         (("phantom", "--subjects", "many", "--out", "x"), "expected a positive integer, got 'many'"),
         (("phantom", "--subjects", "2"), "the following arguments are required: --out"),
-        (("pretrain", "no_such_recipe"), "invalid choice: 'no_such_recipe'"),
+        (("pretrain", "no_such_recipe"), "unknown pre-training recipe 'no_such_recipe'. Known: "),
+        (("pretrain", "cine_ma"), "unknown pre-training recipe 'cine_ma'. Did you mean 'cine_mae'?"),
         (("pretrain", "cine_mae", "--set", "novalue"), "expected KEY=VALUE, got 'novalue'"),
     ],
 )
@@ -98,9 +99,29 @@ def test_finetune_recipes_are_the_bundles_with_a_pretrained_key(tmp_path, monkey
     assert cli.finetune_recipes() == {"ef": "Ejection fraction", "seg": "Segmentation"}
 
 
+def test_a_bundle_with_a_finetune_config_is_both_a_pretraining_and_a_finetuning_recipe(tmp_path, monkeypatch):
+    _fake_bundle(tmp_path, "seg", {"pretrained": "x.safetensors"}, {"name": "Segmentation"})
+    _fake_bundle(tmp_path, "mae", {"epochs": 3}, {"name": "A pre-training"})
+    _fake_bundle(tmp_path, "both", {"epochs": 3}, {"name": "Pre-train then fine-tune"})
+    (tmp_path / "both" / "configs" / "finetune.json").write_text(json.dumps({"pretrained": False}))
+    monkeypatch.setenv("MEDSSL_BUNDLES", str(tmp_path))
+    assert cli.pretrain_recipes() == {"both": "Pre-train then fine-tune", "mae": "A pre-training"}
+    assert cli.finetune_recipes() == {"both": "Pre-train then fine-tune", "seg": "Segmentation"}
+    assert cli.finetune_config(tmp_path / "both") == "configs/finetune.json"
+    assert cli.finetune_config(tmp_path / "seg") == "configs/train.json"
+
+
+def test_pretrain_help_lists_the_repository_recipes():
+    result = run_cli("pretrain", "--help")
+    assert result.returncode == 0
+    listed = result.stdout.split("recipes:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert "cine_mae" in [line.split()[0] for line in listed]
+    assert "cine_seg" not in result.stdout.split("examples:")[0]
+
+
 def test_finetune_help_lists_the_repository_recipes():
     expected = sorted(path.parents[1].name for path in BUNDLES.glob("*/configs/train.json")
-                      if "pretrained" in json.loads(path.read_text()))
+                      if "pretrained" in json.loads((path.parents[1] / cli.finetune_config(path.parents[1])).read_text()))
     assert "cine_seg" in expected
     result = run_cli("finetune", "--help")
     assert result.returncode == 0
