@@ -74,6 +74,18 @@ def _labelled_count(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
+def _percentages(text: str) -> list[float]:
+    """``--percent 100,50,25,10``: comma-separated shares of the labelled set, each in (0, 100]."""
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < value <= 100 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages in (0, 100] (e.g. 100,50,25,10), "
+                                         f"got {text!r}")
+    return values
+
+
 def _labelled_counts(text: str) -> list[int | None]:
     """``--labelled 1,2,4,8,all``: comma-separated counts of labelled subjects; ``all`` is None. The values are
     checked against the data by the study (0 or more than there are subjects is its error to report)."""
@@ -325,6 +337,23 @@ def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
     chosen = {"seeds": args.seeds, "labelled": None if args.labelled is None else tuple(args.labelled)}
     settings = dataclasses.replace(settings, **{key: value for key, value in chosen.items() if value is not None})
     result = run_label_efficiency_study(args.out, settings, pretrained=args.pretrained, progress=not args.quiet)
+    _print_study_result(result)
+    return 0
+
+
+def _cmd_study_dataset_size(args: argparse.Namespace) -> int:
+    from medssl.studies.dataset_size import run_dataset_size_study
+
+    fractions = None if args.percent is None else [percent / 100 for percent in args.percent]
+    result = run_dataset_size_study(
+        args.out, quick=args.quick, seeds=args.seeds, fractions=fractions, pretrained=args.pretrained,
+        progress=not args.quiet,
+    )
+    _print_study_result(result)
+    return 0
+
+
+def _print_study_result(result: Mapping) -> None:
     print("")
     print(result["table"])
     print("")
@@ -332,6 +361,21 @@ def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
     print(f"                   {result['markdown']}")
     print(f"figure:            {result['figure']}")
     _print_tracking(result["tracking_uri"], f"experiment {result['experiment_name']}")
+
+
+def _cmd_study_anomaly(args: argparse.Namespace) -> int:
+    from medssl.studies.anomaly_comparison import EXPERIMENT_NAME, run_anomaly_comparison
+
+    overrides = {key: _parse_value(value) for key, value in (args.set or ())}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    result = run_anomaly_comparison(args.out, quick=args.quick, overrides=overrides or None, seed=args.seed)
+    print("")
+    print(Path(result["markdown"]).read_text().strip())
+    print("")
+    print(f"table:             {result['csv']}")
+    print(f"                   {result['markdown']}")
+    _print_tracking(result["tracking_uri"], f"experiment {EXPERIMENT_NAME}")
     return 0
 
 
@@ -545,6 +589,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label_efficiency.add_argument("--quiet", action="store_true", help="no progress bars")
     label_efficiency.set_defaults(handler=_cmd_study_label_efficiency)
+
+    dataset_size = studies.add_parser(
+        "dataset-size",
+        help="chest CT classification from scratch vs SparK-pretrained, by share of the labelled set",
+        description="Pre-train the spark_ct bundle (SparK on a MONAI ResNet) on a synthetic CT cohort, fine-tune "
+        "nodule classification from scratch and from the SparK weights on 100, 50, 25 and 10 %% of the labelled "
+        "images, several seeds each, evaluate every run on the cohort's test split (accuracy, macro-F1, AUROC), and "
+        "write a CSV, a markdown table and a figure. Every run is logged to one MLflow experiment; an interrupted "
+        "study resumes where it stopped.",
+    )
+    dataset_size.add_argument(
+        "--out", type=Path, default=Path("runs/dataset_size"), help="study folder (default runs/dataset_size)"
+    )
+    dataset_size.add_argument("--quick", action="store_true", help="tiny sizes: a check of the pipeline")
+    dataset_size.add_argument(
+        "--seeds", type=_positive_int, default=None, metavar="N", help="seeds per setting (default 3; 2 with --quick)"
+    )
+    dataset_size.add_argument(
+        "--percent", type=_percentages, default=None, metavar="P,P,...",
+        help="shares of the labelled images in %% (default 100,50,25,10; 100,50 with --quick)",
+    )
+    dataset_size.add_argument(
+        "--pretrained", type=Path, default=None, metavar="CKPT",
+        help="spark_ct pre-training checkpoint (default: pre-train one in the study folder, or reuse it)",
+    )
+    dataset_size.add_argument("--quiet", action="store_true", help="no progress bars")
+    dataset_size.set_defaults(handler=_cmd_study_dataset_size)
+
+    anomaly = studies.add_parser(
+        "anomaly",
+        help="chest radiograph anomaly detection: MemMC-MAE vs the plain MAE, trained the same way",
+        description="Train MemMC-MAE and a plain MAE of the same size on the normal images of a synthetic chest "
+        "radiograph cohort through the memmc_mae bundle, score the test images (normal and with inserted lesions) "
+        "under several random masks, and compare image-level and pixel-level AUROC in one table. Both runs and the "
+        "comparison are logged to one MLflow experiment.",
+    )
+    anomaly.add_argument(
+        "--out", type=Path, default=Path("runs/anomaly"), help="study folder (default runs/anomaly)"
+    )
+    anomaly.add_argument("--quick", action="store_true", help="tiny sizes: a check of the pipeline")
+    anomaly.add_argument("--epochs", type=_positive_int, default=None, metavar="N", help="training epochs of each")
+    anomaly.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default 0)")
+    anomaly.add_argument(
+        "--set", type=_override, action="append", metavar="KEY=VALUE", help="any other bundle config key (repeatable)"
+    )
+    anomaly.set_defaults(handler=_cmd_study_anomaly)
 
     demo = commands.add_parser(
         "demo",

@@ -244,6 +244,52 @@ def test_study_options_reach_the_study(monkeypatch, tmp_path, capsys):
     assert seen["settings"] == label_efficiency.DEFAULT_SETTINGS and seen["out_dir"] == Path("runs/label_efficiency")
 
 
+def test_dataset_size_study_options_reach_the_study(monkeypatch, tmp_path, capsys):
+    from medssl.studies import dataset_size
+
+    seen = {}
+
+    def fake_study(out_dir, **kwargs):
+        seen.update(out_dir=out_dir, **kwargs)
+        return {"table": "| b |", "csv": "c.csv", "markdown": "m.md", "figure": "f.png",
+                "tracking_uri": "sqlite:////s/mlflow.db", "experiment_name": "medssl_dataset_size"}
+
+    monkeypatch.setattr(dataset_size, "run_dataset_size_study", fake_study)
+    argv = ["study", "dataset-size", "--quick", "--out", str(tmp_path), "--seeds", "2", "--percent", "100, 25",
+            "--pretrained", "s.safetensors", "--quiet"]
+    assert cli.main(argv) == 0
+    assert seen == {"out_dir": tmp_path, "quick": True, "seeds": 2, "fractions": [1.0, 0.25],
+                    "pretrained": Path("s.safetensors"), "progress": False}
+    out = capsys.readouterr().out
+    assert "| b |" in out and "figure:            f.png" in out and "experiment medssl_dataset_size" in out
+
+
+def test_anomaly_study_options_reach_the_comparison(monkeypatch, tmp_path, capsys):
+    from medssl.studies import anomaly_comparison
+
+    seen = {}
+    table = tmp_path / "comparison.md"
+    table.write_text("| method | image AUROC |\n")
+
+    def fake_comparison(out_dir, quick=False, overrides=None, seed=0):
+        seen.update(out_dir=out_dir, quick=quick, overrides=overrides, seed=seed)
+        return {"rows": [], "csv": "c.csv", "markdown": str(table), "tracking_uri": "sqlite:////a/mlflow.db",
+                "run_id": "r"}
+
+    monkeypatch.setattr(anomaly_comparison, "run_anomaly_comparison", fake_comparison)
+    argv = ["study", "anomaly", "--out", str(tmp_path), "--epochs", "3", "--seed", "7", "--set", "batch_size=4"]
+    assert cli.main(argv) == 0
+    assert seen == {"out_dir": tmp_path, "quick": False, "overrides": {"batch_size": 4, "epochs": 3}, "seed": 7}
+    assert "| method | image AUROC |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("percent", ["0", "120", "ten", ""])
+def test_dataset_size_refuses_nonsense_percentages(percent):
+    result = run_cli("study", "dataset-size", "--percent", percent)
+    assert result.returncode == 2
+    assert "expected comma-separated percentages in (0, 100]" in result.stderr
+
+
 def test_demo_passes_its_settings_and_prints_dice_and_ef_error(monkeypatch, capsys, tmp_path):
     import medssl.demo
 

@@ -5,7 +5,24 @@
 
 from medssl.methods.cine_mae import CineCycleMAE, CineMAE
 from medssl.methods.mae import ENCODER_PREFIX, MaskedAutoencoder, MultiViewMAE
+from medssl.methods.memmc_mae import MemMCMAE
+from medssl.methods.spark import SparK
 
-METHODS = {"mae": MaskedAutoencoder, "cine_mae": CineMAE, "cine_cycle_mae": CineCycleMAE}
+METHODS = {
+    "mae": MaskedAutoencoder,
+    "cine_mae": CineMAE,
+    "cine_cycle_mae": CineCycleMAE,
+    "memmc_mae": MemMCMAE,
+    "spark": SparK,
+}
 
-__all__ = ["CineCycleMAE", "CineMAE", "ENCODER_PREFIX", "METHODS", "MaskedAutoencoder", "MultiViewMAE"]
+__all__ = [
+    "CineCycleMAE",
+    "CineMAE",
+    "ENCODER_PREFIX",
+    "METHODS",
+    "MaskedAutoencoder",
+    "MemMCMAE",
+    "MultiViewMAE",
+    "SparK",
+]

@@ -50,6 +50,8 @@ class MultiViewMAE(nn.Module):
         patch_embed: ``"linear"`` or ``"conv_stem"``.
         view_embedding: learnable per-view embeddings in encoder and decoder.
         grad_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        memory_slots: learnable memory slots joined to the keys and values of every encoder block (see
+            :class:`~medssl.nets.vit.SelfAttention`; 0: plain attention).
 
     Raises:
         ValueError: for invalid views, sizes, or a masking mapping that misses a view.
@@ -71,6 +73,7 @@ class MultiViewMAE(nn.Module):
         patch_embed: str = "linear",
         view_embedding: bool = True,
         grad_checkpointing: bool = False,
+        memory_slots: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = MultiViewEncoder(
@@ -83,6 +86,7 @@ class MultiViewMAE(nn.Module):
             patch_embed=patch_embed,
             view_embedding=view_embedding,
             grad_checkpointing=grad_checkpointing,
+            memory_slots=memory_slots,
         )
         self.views = self.encoder.views
         self.decoder = MAEDecoder(
@@ -139,6 +143,21 @@ class MultiViewMAE(nn.Module):
             for name, image in images.items()
         }
 
+    def reconstruct(self, images: Mapping[str, Tensor], masks: Mapping[str, MaskOutput]) -> dict[str, Tensor]:
+        """Encode the visible patches and predict every patch.
+
+        Args:
+            images: view name -> ``[B, C, *image_size]``.
+            masks: view name -> its mask (e.g. from :meth:`draw_masks`).
+
+        Returns:
+            View name -> ``[B, N_v, P_v]`` predictions in :func:`~medssl.nets.tokens.patchify` layout.
+
+        Raises:
+            ValueError: for invalid images or masks that do not fit them.
+        """
+        return self.decoder(self.encoder(images, masks), masks)
+
     def forward(self, batch: Mapping[str, object], generator: torch.Generator | None = None) -> dict:
         """Mask, encode, decode and score a batch.
 
@@ -156,7 +175,7 @@ class MultiViewMAE(nn.Module):
         """
         images = self.view_images(batch)
         masks = self.draw_masks(images, generator)
-        preds = self.decoder(self.encoder(images, masks), masks)
+        preds = self.reconstruct(images, masks)
         losses = {
             name: masked_reconstruction_loss(
                 preds[name], patchify(image, self.views[name].patch_size), masks[name].mask, norm_pix=self.norm_pix_loss

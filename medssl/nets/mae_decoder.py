@@ -7,7 +7,7 @@ multi-view form (one decoder over the tokens of all views, a prediction head per
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,21 @@ class MAEDecoder(nn.Module):
         Raises:
             ValueError: for an unknown view, a missing mask, or shapes that do not match the mask or view.
         """
+        return self.predict(self.transformer(self.tokens(latents, masks)), list(latents))
+
+    def tokens(self, latents: Mapping[str, Tensor], masks: Mapping[str, MaskOutput]) -> Tensor:
+        """The decoder's input: embedded visible tokens and mask tokens of every view, in grid order, positioned.
+
+        Args:
+            latents: as :meth:`forward`.
+            masks: as :meth:`forward`.
+
+        Returns:
+            ``[B, sum_v N_v, decoder_dim]``, the views concatenated in the order of ``latents``.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
         if not latents:
             raise ValueError(f"no latents given; expected some of {list(self.views)}.")
         parts = []
@@ -108,6 +123,17 @@ class MAEDecoder(nn.Module):
             if self.view_embed is not None:
                 x = x + self.view_embed[name]
             parts.append(x)
-        decoded = self.transformer(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-        sizes = [self.views[name].num_tokens for name in latents]
-        return {name: self.heads[name](x) for name, x in zip(latents, decoded.split(sizes, dim=1))}
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def predict(self, decoded: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        """Split decoded tokens by view and predict each view's patches with its head.
+
+        Args:
+            decoded: ``[B, sum_v N_v, decoder_dim]`` for the views ``names``, in that order.
+            names: the views, as given to :meth:`tokens`.
+
+        Returns:
+            View name -> ``[B, N_v, prod(patch_size) * C]``.
+        """
+        sizes = [self.views[name].num_tokens for name in names]
+        return {name: self.heads[name](x) for name, x in zip(names, decoded.split(sizes, dim=1))}

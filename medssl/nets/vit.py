@@ -199,28 +199,54 @@ class SelfAttention(nn.Module):
     block of queries at a time, like PyTorch's CPU flash kernel but on AVX-512 (that kernel's float32 products use
     MKL's AVX2 code on AMD CPUs); everywhere else through ``F.scaled_dot_product_attention``.
 
+    With ``memory_slots = M > 0`` the attention is memory-augmented (Cornia et al., 2020, "Meshed-Memory Transformer
+    for Image Captioning", https://arxiv.org/abs/1912.08226; the encoder of MemMC-MAE, Tian et al., 2023,
+    https://arxiv.org/abs/2203.11725): learnable ``memory_keys`` and ``memory_values`` ``[M, D]``, split into heads like
+    the projected tokens, are appended to every sample's keys and values, so each head attends over ``N + M`` keys
+    ``[B, H, N + M, D / H]`` and the output stays ``[B, N, D]``. They hold input-independent patterns learnt from the
+    training data. ``memory_slots = 0`` adds no parameter and computes exactly the plain attention.
+
     Args:
         dim: token width ``D``.
         num_heads: number of heads; ``D`` must be a multiple of it.
         qkv_bias: bias on the ``qkv`` projection (True in ViT/MAE/CineMA).
         attn_drop: dropout on the attention weights, training only.
         proj_drop: dropout after the output projection, training only.
+        memory_slots: learnable memory slots ``M`` joined to the keys and values (0: none).
 
     Raises:
-        ValueError: when ``dim`` is not a positive multiple of ``num_heads``.
+        ValueError: when ``dim`` is not a positive multiple of ``num_heads`` or ``memory_slots`` is negative.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        memory_slots: int = 0,
     ) -> None:
         super().__init__()
         _check_width(dim, num_heads)
+        if memory_slots < 0:
+            raise ValueError(f"memory_slots must be >= 0, got {memory_slots}.")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
+        self.memory_slots = int(memory_slots)
         self.qkv = OneDNNLinear(dim, 3 * dim, bias=qkv_bias)
         self.proj = OneDNNLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        if self.memory_slots:
+            # Meshed-Memory's scales: keys like projected keys (variance 1 / head width), values averaging to O(1).
+            self.memory_keys = nn.Parameter(torch.randn(self.memory_slots, dim) * self.head_dim**-0.5)
+            self.memory_values = nn.Parameter(torch.randn(self.memory_slots, dim) * self.memory_slots**-0.5)
+
+    def _memory(self, slots: Tensor, like: Tensor) -> Tensor:
+        """Memory ``[M, D]`` as ``[B, H, M, D / H]`` keys or values beside ``like`` ``[B, H, N, D / H]``."""
+        heads = slots.to(like.dtype).view(self.memory_slots, self.num_heads, self.head_dim).transpose(0, 1)
+        return heads.unsqueeze(0).expand(like.shape[0], -1, -1, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Attend over all tokens.
@@ -234,12 +260,15 @@ class SelfAttention(nn.Module):
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
         dropout = self.attn_drop if self.training else 0.0
-        if dropout == 0.0 and length >= _ONEDNN_ATTENTION_MIN_TOKENS and _use_onednn(qkv):
+        if not self.memory_slots and dropout == 0.0 and length >= _ONEDNN_ATTENTION_MIN_TOKENS and _use_onednn(qkv):
             out = _OneDNNAttentionFunction.apply(qkv)
         else:
             # Strided q/k/v views straight from the fused projection: the fused kernels take them without a copy,
             # and lay their output out as [B, N, H, Dh], so the transpose-reshape below is free as well.
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.memory_slots:
+                k = torch.cat([k, self._memory(self.memory_keys, k)], 2)
+                v = torch.cat([v, self._memory(self.memory_values, v)], 2)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2)
         return self.proj_drop(self.proj(out.reshape(batch, length, dim)))
 
@@ -275,9 +304,10 @@ class TransformerBlock(nn.Module):
         drop: dropout in attention output and MLP.
         attn_drop: dropout on attention weights.
         drop_path: probability of dropping the residual branch per sample (stochastic depth).
+        memory_slots: memory slots of the attention (see :class:`SelfAttention`; 0: plain attention).
 
     Raises:
-        ValueError: when ``dim`` is not a positive multiple of ``num_heads``.
+        ValueError: when ``dim`` is not a positive multiple of ``num_heads`` or ``memory_slots`` is negative.
     """
 
     def __init__(
@@ -289,10 +319,13 @@ class TransformerBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        memory_slots: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = SelfAttention(
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, memory_slots=memory_slots
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -317,10 +350,11 @@ class ViTEncoder(nn.Module):
         qkv_bias: bias on the ``qkv`` projections.
         drop_path_rate: stochastic depth of the last block; block ``i`` uses ``drop_path_rate * i / (depth - 1)``.
         grad_checkpointing: recompute each block in the backward pass instead of storing its activations.
+        memory_slots: memory slots of every block's attention (see :class:`SelfAttention`; 0: plain attention).
 
     Raises:
-        ValueError: when ``depth`` < 1, ``embed_dim`` is not a multiple of ``num_heads`` or ``drop_path_rate`` is
-            outside ``[0, 1)``.
+        ValueError: when ``depth`` < 1, ``embed_dim`` is not a multiple of ``num_heads``, ``drop_path_rate`` is
+            outside ``[0, 1)`` or ``memory_slots`` is negative.
     """
 
     def __init__(
@@ -332,6 +366,7 @@ class ViTEncoder(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         grad_checkpointing: bool = False,
+        memory_slots: int = 0,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -343,7 +378,8 @@ class ViTEncoder(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate) for rate in rates
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, memory_slots=memory_slots)
+            for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.apply(init_transformer_weights)
@@ -427,6 +463,7 @@ class MultiViewEncoder(nn.Module):
         patch_embed: ``"linear"`` or ``"conv_stem"`` (see :mod:`medssl.nets.patch_embed`).
         view_embedding: add a learnable embedding per view (CineMA's multi-view setting).
         grad_checkpointing: recompute ViT blocks in the backward pass.
+        memory_slots: memory slots of every block's attention (see :class:`SelfAttention`; 0: plain attention).
 
     Raises:
         ValueError: when there is no view, a name is not an identifier, or a view's geometry is invalid (the message
@@ -445,6 +482,7 @@ class MultiViewEncoder(nn.Module):
         patch_embed: str = "linear",
         view_embedding: bool = True,
         grad_checkpointing: bool = False,
+        memory_slots: int = 0,
     ) -> None:
         super().__init__()
         self.views = parse_views(views)
@@ -457,7 +495,9 @@ class MultiViewEncoder(nn.Module):
         )
         self.view_embed = new_view_embeddings(self.views, embed_dim) if view_embedding else None
         self.positions = ViewPositions(self.views, embed_dim)
-        self.vit = ViTEncoder(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, grad_checkpointing)
+        self.vit = ViTEncoder(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, grad_checkpointing, memory_slots
+        )
 
     def check_images(self, images: Mapping[str, Tensor]) -> int:
         """Validate view images against the view geometry (:func:`check_view_images`).

@@ -29,25 +29,18 @@ interrupted during training continues from its last checkpoint, and the table an
 run.
 
 Cost of the defaults (:data:`DEFAULT_SETTINGS`: SAX only on the 3 mm pre-training grid, 10 epochs of 8 iterations,
-a held-out cohort of 5 subjects x 20 frames), measured with ``nice -n 10`` on the 2-core CPU this was developed on,
-which other jobs share: one run (pretrained, 4 labelled subjects) took 134 and 142 s while the machine was nearly
-quiet (training about 80 s: 7.5 s per epoch plus start-up and caching; evaluation 55-58 s: Dice at ED and ES about
-7 s, the 100 frames of the LVEF about 45 s; 260 s of CPU time), and 847 s while four other trainings shared the
-machine. 30 runs (those with 8 and 16 labelled subjects cache a few seconds longer), the cohorts (about 35 s) and the
-default cine_mae pre-training (about 3 minutes) come to about 75 minutes on a quiet machine; up to about 80 if the
-poorer segmentations of some runs (a wider heart region around which later frames are segmented) make their LVEF
-evaluation slower. That budget leaves each run far from the fully trained cine_seg recipe (60 epochs at 1.5 mm): with
-4 labelled subjects and seed 0, the pretrained run reached SAX Dice LV 0.53, MYO 0.69, RV 0.39 and an LVEF MAE of
-25 points, the scratch run 0.55, 0.68, 0.45 and 19 points; the study compares initialisations under a small, fixed
-training budget.
+a held-out cohort of 5 subjects x 20 frames), measured end to end on the 2-core CPU this was developed on, on
+2026-11-28, while other jobs shared the machine at a lower priority: 64 minutes for the whole study (the cohorts and
+the 30-epoch cine_mae pre-training about 2 minutes; each of the 30 runs 112-136 s: training 81-97 s, evaluation
+28-49 s, of which the 100 frames of the LVEF take most). That budget leaves each run far from the fully trained
+cine_seg recipe (60 epochs at 1.5 mm: SAX Dice LV 0.91): the study compares initialisations under a small, fixed
+training budget, and its runs reach Dice LV 0.56-0.71.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,16 +48,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
-from tqdm.auto import tqdm
 
 from medssl.data.cine import SAX_VIEW, load_cine_datalist
 from medssl.data.phantom import ensure_cohort
 from medssl.engine.bundles import parse_bundle_item, run_bundle
 from medssl.engine.checkpoints import atomic_write
-from medssl.engine.tracking import log_to_run_folder, resolve_tracking
-from medssl.errors import CheckpointError, DataError
+from medssl.engine.tracking import log_to_run_folder
+from medssl.errors import DataError
+from medssl.studies.runner import (
+    aggregate_over_seeds,
+    given_checkpoint,
+    init_curves_figure,
+    mean_sd,
+    run_resumable,
+    study_experiment,
+    write_study_outputs,
+)
 from medssl.tasks.ejection_fraction import evaluate_function_from_segmentation, mean_abs_error
 
 __all__ = [
@@ -86,7 +86,6 @@ INITS = ("scratch", "pretrained")
 STRUCTURES = ("LV", "MYO", "RV")
 _RECIPE, _PRETRAIN_RECIPE = "cine_seg", "cine_mae"
 _CONFIGS = ("configs/train.json", "configs/evaluate.json")
-_RESULT = "result.json"
 _METRICS = {**{f"dice_{name}": f"SAX Dice {name}" for name in STRUCTURES}, "lvef_mae": "LVEF MAE (points)"}
 
 
@@ -228,25 +227,6 @@ def plan_runs(settings: StudySettings) -> list[StudyRun]:
     ]
 
 
-def _study_experiment(out_dir: Path) -> str:
-    """The study's tracking URI, with its experiment created (artifacts in the study folder for the local store)."""
-    uri, artifact_location = resolve_tracking(out_dir)
-    client = MlflowClient(uri)
-    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-        client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
-    return uri
-
-
-def _given_checkpoint(pretrained: str | os.PathLike) -> Path:
-    path = Path(pretrained).resolve()
-    if not path.is_file():
-        raise CheckpointError(
-            f"pretrained checkpoint {path} does not exist; make one with `medssl pretrain cine_mae`, or give none "
-            "to pre-train in the study folder."
-        )
-    return path
-
-
 def _pretrain(out_dir: Path, settings: StudySettings, cohort: Path) -> Path:
     """The study's own cine_mae weights: pre-trained once on the training cohort's images, reused when complete."""
     run_dir = out_dir / "pretrain"
@@ -311,19 +291,7 @@ def _finetune(run: StudyRun, run_dir: Path, shared: Mapping[str, Any], weights: 
 
 def _aggregate(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Mean and sd over seeds per (num_labelled, init): columns ``<metric>_mean``, ``<metric>_sd``, ``runs``."""
-    frame = pd.DataFrame(rows)
-    grouped = frame.groupby(["num_labelled", "labelled", "init"], sort=False)[list(_METRICS)]
-    table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_sd"))
-    table["runs"] = grouped.size()
-    table = table.reset_index()
-    table["init_order"] = table["init"].map(INITS.index)
-    return table.sort_values(["num_labelled", "init_order"]).drop(columns="init_order").reset_index(drop=True)
-
-
-def _mean_sd(mean: float, sd: float, digits: int) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" if not math.isfinite(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return aggregate_over_seeds(rows, ["num_labelled", "labelled"], list(_METRICS), INITS)
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -340,7 +308,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in _aggregate(rows).to_dict("records"):
         count = f"{item['num_labelled']} (all)" if item["labelled"] == "all" else str(item["num_labelled"])
-        cells = [_mean_sd(item[f"{key}_mean"], item[f"{key}_sd"], 1 if key == "lvef_mae" else 3) for key in _METRICS]
+        cells = [mean_sd(item[f"{key}_mean"], item[f"{key}_sd"], 1 if key == "lvef_mae" else 3) for key in _METRICS]
         lines.append("| " + " | ".join([count, item["init"], str(item["runs"]), *cells]) + " |")
     return "\n".join(lines)
 
@@ -356,35 +324,13 @@ def label_efficiency_figure(rows: Sequence[Mapping[str, Any]], path: str | os.Pa
         ``path``. Markers are means over seeds, error bars one sd, the x axis log2.
     """
     table = _aggregate(rows)
-    counts = sorted(table["num_labelled"].unique())
-    figure = Figure(figsize=(4 * len(_METRICS), 3.6), layout="constrained")
-    for axis, (key, title) in zip(figure.subplots(1, len(_METRICS)), _METRICS.items()):
-        for init in INITS:
-            part = table[table["init"] == init]
-            if part.empty:
-                continue
-            axis.errorbar(part["num_labelled"], part[f"{key}_mean"], yerr=part[f"{key}_sd"].fillna(0.0),
-                          marker="o", capsize=3, label=init)
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(counts, labels=[str(count) for count in counts])
-        axis.set_xlabel("labelled subjects")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-    axis.legend()
-    figure.suptitle("cine_seg: scratch vs MAE-pretrained encoder, held-out phantoms (mean ± sd over seeds)")
-    return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    counts = {count: str(count) for count in sorted(table["num_labelled"].unique())}
+    title = "cine_seg: scratch vs MAE-pretrained encoder, held-out phantoms (mean ± sd over seeds)"
+    return init_curves_figure(table, "num_labelled", _METRICS, INITS, counts, "labelled subjects", title, Path(path))
 
 
 def _write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> dict[str, Any]:
-    table = summary_table(rows)
-    paths = {
-        "csv": atomic_write(out_dir / "label_efficiency.csv",
-                            lambda temporary: pd.DataFrame(rows).to_csv(temporary, index=False)),
-        "markdown": atomic_write(out_dir / "label_efficiency.md",
-                                 lambda temporary: Path(temporary).write_text(table + "\n")),
-        "figure": label_efficiency_figure(rows, out_dir / "label_efficiency.png"),
-    }
-    return {"table": table, **paths}
+    return write_study_outputs(rows, out_dir, "label_efficiency", summary_table, label_efficiency_figure)
 
 
 def run_label_efficiency_study(
@@ -413,7 +359,7 @@ def run_label_efficiency_study(
         CheckpointError: when ``pretrained`` does not exist or does not match the encoder.
     """
     runs = plan_runs(settings)
-    given = None if pretrained is None else _given_checkpoint(pretrained)
+    given = None if pretrained is None else given_checkpoint(pretrained, _PRETRAIN_RECIPE)
     out_dir = Path(out_dir).resolve()
     cohort = ensure_cohort(out_dir / "cohorts" / f"train_n{settings.num_subjects}_seed{settings.cohort_seed}",
                            settings.num_subjects, seed=settings.cohort_seed, num_frames=settings.frames,
@@ -422,22 +368,16 @@ def run_label_efficiency_study(
                              settings.eval_subjects, seed=settings.eval_seed, num_frames=settings.eval_frames,
                              progress=progress).parent
     weights = given or _pretrain(out_dir, settings, cohort)
-    uri = _study_experiment(out_dir)
+    uri = study_experiment(out_dir, EXPERIMENT_NAME)
     shared = {**settings.finetune, "dataset_dir": str(cohort), "eval_dataset_dir": str(held_out),
               "experiment_name": EXPERIMENT_NAME, "tracking_uri": uri}
     eval_datalist = load_cine_datalist(held_out, views=[SAX_VIEW], metadata=True)
-    rows, ran = [], 0
-    with tqdm(total=len(runs), desc="label-efficiency runs", unit="run", disable=not progress) as bar:
-        for run in runs:
-            run_dir = out_dir / "runs" / run.name
-            result = run_dir / _RESULT
-            bar.set_postfix_str(run.name)
-            if not result.is_file():
-                row = _finetune(run, run_dir, shared, weights, eval_datalist, settings.num_subjects)
-                atomic_write(result, lambda temporary: Path(temporary).write_text(json.dumps(row, indent=1)))
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume the training
-                ran += 1
-            rows.append(json.loads(result.read_text()))
-            outputs = _write_outputs(rows, out_dir)
-            bar.update()
+    rows, outputs, ran = run_resumable(
+        runs,
+        out_dir,
+        lambda run, run_dir: _finetune(run, run_dir, shared, weights, eval_datalist, settings.num_subjects),
+        _write_outputs,
+        "label-efficiency runs",
+        progress,
+    )
     return {"rows": rows, **outputs, "tracking_uri": uri, "experiment_name": EXPERIMENT_NAME, "ran": ran}
