@@ -29,7 +29,7 @@ def _run_cli(config_files, overrides, cwd, launcher=(sys.executable,)):
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *_cli_args(overrides)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
