@@ -98,15 +98,18 @@ def test_evaluation_rows_report_and_mlflow(tmp_path, monkeypatch):
         assert [row[f"prob_{name}"] for name in FINDINGS] == pytest.approx(expected.tolist(), abs=1e-6)
     assert network.training  # put back in training mode
     summary = report_multilabel(rows, tmp_path / "run", FINDINGS, experiment_name="test_multilabel")
-    assert summary["metrics"]["eval_auroc_a"] == 1.0 and summary["metrics"]["eval_auroc_b"] == 0.0
-    assert summary["metrics"]["eval_auroc_mean"] == 0.5 and "eval_auroc_c" not in summary["metrics"]
+    # Brightness orders the images 30 < 90 < 200 < 250: finding a (images 1, 3) ranks above every negative; finding b
+    # (images 0, 2, 3) beats its one negative (200) only with image 3: 1 of 3 pairs.
+    metrics = summary["metrics"]
+    assert metrics["eval_auroc_a"] == 1.0 and metrics["eval_auroc_b"] == pytest.approx(1 / 3)
+    assert metrics["eval_auroc_mean"] == pytest.approx(2 / 3) and "eval_auroc_c" not in metrics
     assert not any(name.startswith("eval_prob") or name.startswith("eval_true") for name in summary["metrics"])
     with open(summary["csv"], newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluation"]["run_id"] == summary["run_id"]
     client = MlflowClient(resolve_tracking(tmp_path / "run")[0])
     logged = client.get_run(summary["run_id"]).data.metrics
-    assert logged["eval_auroc_mean"] == 0.5 and logged["eval_auroc_a"] == 1.0
+    assert logged["eval_auroc_mean"] == pytest.approx(2 / 3) and logged["eval_auroc_a"] == 1.0
     with pytest.raises(DataError, match="lack multi-hot labels over"):
         evaluate_multilabel(network, [{CXR_VIEW: items[0][CXR_VIEW]}], (8, 8), FINDINGS)
     with pytest.raises(DataError, match="nothing was evaluated"):
