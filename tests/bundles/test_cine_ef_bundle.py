@@ -46,9 +46,10 @@ def test_bundle_files_follow_the_monai_bundle_spec():
     assert pred["num_channels"] == len(train["targets"]) == 2 and train["targets"] == ["lv_ef_pct", "rv_ef_pct"]
     for key in ("views", "model", "targets", "centre", "phase_view", "network_def", "finetune_mode", "inference"):
         assert inference[key] == train[key], key
-    # The two fine-tuning bundles on the ED/ES input keep parallel configs.
+    # The two fine-tuning bundles on the ED/ES input keep parallel configs (cine_cls trains on a larger cohort: its
+    # five groups need more subjects each, see its README).
     cls = json.loads((REPO / "bundles" / "cine_cls" / "configs" / "train.json").read_text())
-    for key in ("views", "model", "centre", "phase_view", "epochs", "batch_size", "num_subjects", "eval_num_subjects"):
+    for key in ("views", "model", "centre", "phase_view", "epochs", "batch_size"):
         assert cls[key] == train[key], key
     assert (BUNDLE / "LICENSE").read_text() == (REPO / "bundles" / "cine_mae" / "LICENSE").read_text()
     readme = (BUNDLE / "docs" / "README.md").read_text()
