@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset-size",
         help="chest CT classification from scratch vs SparK-pretrained, by share of the labelled set",
         description="Pre-train the spark_ct bundle (SparK on a MONAI ResNet) on a synthetic CT cohort, fine-tune "
-        "nodule classification from scratch and from the SparK weights on 100, 50, 25 and 10 %% of the labelled "
+        "nodule classification from scratch and from the SparK weights on 100, 50, 25 and 10 % of the labelled "
         "images, several seeds each, evaluate every run on the cohort's test split (accuracy, macro-F1, AUROC), and "
         "write a CSV, a markdown table and a figure. Every run is logged to one MLflow experiment; an interrupted "
         "study resumes where it stopped.",

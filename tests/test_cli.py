@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -128,6 +129,23 @@ def test_finetune_help_lists_the_repository_recipes():
     listed = result.stdout.split("recipes:\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert [line.split()[0] for line in listed] == expected
     assert "Cine CMR segmentation on a CineMA-style encoder" in result.stdout
+
+
+def _all_parsers(parser, name="medssl"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub_parser in action.choices.items():
+                yield from _all_parsers(sub_parser, f"{name} {sub_name}")
+
+
+def test_every_help_text_renders_cleanly():
+    parsers = dict(_all_parsers(cli.build_parser()))
+    assert {"medssl study dataset-size", "medssl study anomaly", "medssl finetune"} <= set(parsers)
+    for name, parser in parsers.items():
+        text = parser.format_help()
+        assert text.startswith(f"usage: {name}"), name
+        assert "%%" not in text and "%(" not in text, f"{name}: unformatted percent sign in its help"
 
 
 def test_help_lists_the_new_commands():

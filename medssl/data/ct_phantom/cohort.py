@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from medssl.data.ct_phantom.scene import CT_CLASSES, CTImage, render_scene, sample_scene
-from medssl.data.phantom.cohort import _cohort_lock, atomic_folder, subject_seed
+from medssl.data.cohort_files import (
+    atomic_folder,
+    begin_cohort,
+    cohort_lock,
+    ensure_cohort_files,
+    run_jobs,
+    write_manifest,
+)
+from medssl.data.phantom.cohort import subject_seed
 from medssl.errors import DataError
 
 __all__ = ["GENERATOR", "generate_ct_image", "write_ct_cohort", "ensure_ct_cohort", "load_ct_datalist"]
@@ -124,10 +128,6 @@ def _write_image(out_dir: Path, name: str, seed: int, label: int, dims: int, siz
             "class": CT_CLASSES[ct.label]}
 
 
-def _write_image_job(job: tuple) -> dict:
-    return _write_image(*job)
-
-
 def _validated(num_images, seed, dims, size, depth, num_test, num_workers) -> dict:
     if isinstance(num_images, bool) or int(num_images) < 1 or int(num_test) < 0:
         raise DataError(f"need num_images >= 1 and num_test >= 0, got {num_images} and {num_test}.")
@@ -141,10 +141,7 @@ def _validated(num_images, seed, dims, size, depth, num_test, num_workers) -> di
 
 
 def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progress: bool) -> Path:
-    manifest_path = out_dir / "manifest.json"
-    manifest_path.unlink(missing_ok=True)
-    for stale in out_dir.glob(".img-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    manifest_path = begin_cohort(out_dir, "img-")
     seed, dims, size = options["seed"], options["dims"], options["size"]
     depth = options["shape"][2] if dims == 3 else None
     jobs = []
@@ -152,21 +149,8 @@ def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progres
         prefix = "img-t" if split == "test" else "img-"
         jobs += [(out_dir, f"{prefix}{i:05d}", subject_seed(seed, offset + i), _class_of(seed + offset, i), dims, size,
                   depth) for i in range(count)]
-    # A spawned worker spends seconds importing before its first image: small cohorts are written in this process.
-    default = 1 if len(jobs) < _IMAGES_PER_WORKER else os.cpu_count() or 1
-    workers = min(len(jobs), int(num_workers or default))
-    with tqdm(total=len(jobs), desc=f"CT phantom cohort ({dims}D)", unit="image", disable=not progress) as bar:
-        entries = []
-        if workers == 1:
-            for job in jobs:
-                entries.append(_write_image_job(job))
-                bar.update()
-        else:
-            # spawn: workers start clean, safe beside threads (torch, MLflow) in the parent; map keeps job order.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                for entry in pool.map(_write_image_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
-                    entries.append(entry)
-                    bar.update()
+    entries = run_jobs(_write_image, jobs, num_workers=num_workers, desc=f"CT phantom cohort ({dims}D)", unit="image",
+                       progress=progress, in_process_below=_IMAGES_PER_WORKER)
     manifest = {
         "description": (
             f"Synthetic chest CT ({'axial slices' if dims == 2 else 'volumes'}, HU): classes {list(CT_CLASSES)} "
@@ -178,10 +162,7 @@ def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progres
         "training": entries[: options["num_images"]],
         "test": entries[options["num_images"] :],
     }
-    staging = manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(manifest, indent=1))
-    os.replace(staging, manifest_path)
-    return manifest_path
+    return write_manifest(manifest_path, manifest)
 
 
 def write_ct_cohort(
@@ -219,8 +200,7 @@ def write_ct_cohort(
     """
     options = _validated(num_images, seed, dims, size, depth, num_test, num_workers)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(out_dir):
+    with cohort_lock(out_dir):
         return _write_locked(out_dir, options, num_workers, progress)
 
 
@@ -261,15 +241,11 @@ def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
     settings = {**_DEFAULTS, **kw}
     options = _validated(num_images, seed, settings["dims"], settings["size"], settings["depth"], settings["num_test"],
                          num_workers)
-    manifest_path = Path(out_dir) / "manifest.json"
-    if _cohort_matches(manifest_path, options):
-        return manifest_path
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(Path(out_dir)):
-        # Another process may have finished the cohort while this one waited for the lock.
-        if _cohort_matches(manifest_path, options):
-            return manifest_path
-        return _write_locked(Path(out_dir), options, num_workers, progress)
+    return ensure_cohort_files(
+        out_dir,
+        lambda path: _cohort_matches(path, options),
+        lambda folder: _write_locked(folder, options, num_workers, progress),
+    )
 
 
 def load_ct_datalist(

@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from medssl.data.cxr_phantom.findings import FINDINGS, LOCAL_FINDINGS
 from medssl.data.cxr_phantom.radiograph import GENERATOR, Radiograph, check_size, generate_radiograph
-from medssl.data.phantom.cohort import _cohort_lock, atomic_folder, subject_seed
+from medssl.data.cohort_files import (
+    atomic_folder,
+    begin_cohort,
+    cohort_lock,
+    ensure_cohort_files,
+    run_jobs,
+    write_manifest,
+)
+from medssl.data.phantom.cohort import subject_seed
 from medssl.errors import DataError, MedsslError
 
 __all__ = ["MODES", "ensure_cxr_cohort", "lesion_findings", "write_cxr_cohort"]
@@ -107,10 +111,6 @@ def _write_image(
     }
 
 
-def _write_image_job(job: tuple) -> dict:
-    return _write_image(*job)
-
-
 def _jobs(out_dir: Path, mode: str, seed: int, num_images: int, num_test: int, size: int, dicom: bool) -> list[tuple]:
     jobs = []
     for split, count, offset in (("training", num_images, 0), ("test", num_test, _TEST_OFFSET)):
@@ -170,8 +170,7 @@ def write_cxr_cohort(
     """
     out_dir = Path(out_dir)
     options = _validated(num_images, seed, size, mode, num_test, dicom, num_workers)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(out_dir):
+    with cohort_lock(out_dir):
         return _write_locked(out_dir, options, num_workers, progress)
 
 
@@ -197,26 +196,11 @@ def _validated(num_images, seed, size, mode, num_test, dicom, num_workers) -> di
 
 
 def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progress: bool) -> Path:
-    manifest_path = out_dir / "manifest.json"
-    manifest_path.unlink(missing_ok=True)
-    for stale in out_dir.glob(".img-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    manifest_path = begin_cohort(out_dir, "img-")
     mode = options["mode"]
     jobs = _jobs(out_dir, mode, *(options[key] for key in ("seed", "num_images", "num_test", "size", "dicom")))
-    workers = min(len(jobs), int(num_workers or os.cpu_count() or 1))
-    with tqdm(total=len(jobs), desc=f"chest X-ray cohort ({mode})", unit="image", disable=not progress) as bar:
-        if workers == 1:
-            entries = []
-            for job in jobs:
-                entries.append(_write_image_job(job))
-                bar.update()
-        else:
-            # spawn: workers start clean, safe beside threads (torch, MLflow) in the parent; map keeps job order.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                entries = []
-                for entry in pool.map(_write_image_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
-                    entries.append(entry)
-                    bar.update()
+    entries = run_jobs(_write_image, jobs, num_workers=num_workers, desc=f"chest X-ray cohort ({mode})", unit="image",
+                       progress=progress)
     training = [_manifest_entry(e, mode) for e in entries[: options["num_images"]]]
     test = [_manifest_entry(e, mode) for e in entries[options["num_images"] :]]
     what = "multi-label findings" if mode == "findings" else "normal training images, test images with inserted lesions"
@@ -229,10 +213,7 @@ def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progres
         "training": training,
         "test": test,
     }
-    staging = manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(manifest, indent=1))
-    os.replace(staging, manifest_path)
-    return manifest_path
+    return write_manifest(manifest_path, manifest)
 
 
 def _cohort_matches(manifest_path: Path, options: dict) -> bool:
@@ -278,12 +259,8 @@ def ensure_cxr_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0
     options = _validated(
         num_images, seed, settings["size"], settings["mode"], settings["num_test"], settings["dicom"], num_workers
     )
-    manifest_path = Path(out_dir) / "manifest.json"
-    if _cohort_matches(manifest_path, options):
-        return manifest_path
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(Path(out_dir)):
-        # Another process may have finished the cohort while this one waited for the lock.
-        if _cohort_matches(manifest_path, options):
-            return manifest_path
-        return _write_locked(Path(out_dir), options, num_workers, progress)
+    return ensure_cohort_files(
+        out_dir,
+        lambda path: _cohort_matches(path, options),
+        lambda folder: _write_locked(folder, options, num_workers, progress),
+    )

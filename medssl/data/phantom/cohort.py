@@ -30,24 +30,25 @@ pixel coordinates ``(i, j)`` along the first two array axes of the LAX-4C image.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
+from medssl.data.cohort_files import (
+    atomic_folder,
+    begin_cohort,
+    cohort_lock,
+    ensure_cohort_files,
+    run_jobs,
+    write_manifest,
+)
 from medssl.data.phantom.anatomy import sample_placement
 from medssl.data.phantom.groups import GROUPS, sample_heart
 from medssl.data.phantom.render import (
@@ -341,25 +342,6 @@ def _write_subject(out_dir: Path, index: int, seed: int, group: str, dicom: bool
     return _entry(subject_id, group)
 
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: Path, name: str) -> Iterator[Path]:
-    """Yield a hidden staging folder in ``out_dir`` that replaces ``out_dir / name`` when the block completes.
-
-    On any exception the staging folder is removed and ``out_dir / name`` is left as it was, so a crashed writer
-    never leaves a half-written subject that looks complete. Stale staging folders are named ``.{name}.tmp-*``.
-    """
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
-    try:
-        yield staging
-        target = out_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _write_dicom(phantom: CinePhantom, folder: Path) -> None:
     try:
         from medssl.io.dicom_write import PhantomIdentity, write_mr_cine_series
@@ -382,26 +364,6 @@ def _write_dicom(phantom: CinePhantom, folder: Path) -> None:
             slice_thickness_mm=meta["views"][name]["slice_thickness_mm"],
             nominal_interval_ms=rr_interval,
         )
-
-
-def _write_subject_job(job: tuple) -> dict:
-    return _write_subject(*job)
-
-
-@contextlib.contextmanager
-def _cohort_lock(out_dir: Path) -> Iterator[None]:
-    """Serialise writers of one cohort folder (e.g. several DDP ranks calling :func:`ensure_cohort`)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent writers must be avoided by the caller
-        yield
-        return
-    with open(out_dir / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_cohort(
@@ -441,39 +403,17 @@ def write_cohort(
         raise DataError(f"num_workers must be >= 1 (or None for one per CPU), got {num_workers}")
     options = dataclasses.asdict(PhantomOptions.from_kwargs(options))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(out_dir):
+    with cohort_lock(out_dir):
         return _write_cohort_locked(out_dir, int(num_subjects), int(seed), bool(dicom), num_workers, progress, options)
 
 
 def _write_cohort_locked(
     out_dir: Path, num_subjects: int, seed: int, dicom: bool, num_workers: int | None, progress: bool, options: dict
 ) -> Path:
-    manifest_path = out_dir / "manifest.json"
-    manifest_path.unlink(missing_ok=True)
-    for stale in out_dir.glob(".sub-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    workers = min(num_subjects, int(num_workers or os.cpu_count() or 1))
+    manifest_path = begin_cohort(out_dir, "sub-")
     jobs = [(out_dir, i, subject_seed(seed, i), _cohort_group(seed, i), dicom, options) for i in range(num_subjects)]
-    entries = []
-    with tqdm(total=len(jobs), desc="phantom cohort", unit="subject", disable=not progress) as bar:
-        if workers == 1:
-            for job in jobs:
-                entries.append(_write_subject_job(job))
-                bar.update()
-        else:
-            # spawn: workers start clean, safe beside threads (torch, MLflow) in the parent.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_write_subject_job, job) for job in jobs]
-                try:
-                    for future in as_completed(futures):
-                        entries.append(future.result())
-                        bar.update()
-                except BaseException:
-                    for future in futures:  # fail fast instead of finishing the queue
-                        future.cancel()
-                    raise
-    entries.sort(key=lambda entry: entry["subject_id"])
+    entries = run_jobs(_write_subject, jobs, num_workers=num_workers, desc="phantom cohort", unit="subject",
+                       progress=progress)
     manifest = {
         "description": (
             f"Synthetic cine CMR cohort ({num_subjects} subjects, seed {seed}): SAX stack and LAX 2C/4C cines "
@@ -485,10 +425,7 @@ def _write_cohort_locked(
         "num_subjects": num_subjects,
         "training": entries,
     }
-    staging = manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(manifest, indent=1))
-    os.replace(staging, manifest_path)
-    return manifest_path
+    return write_manifest(manifest_path, manifest)
 
 
 def _cohort_matches(manifest_path: Path, num_subjects: int, seed: int, dicom: bool, options: dict) -> bool:
@@ -532,18 +469,14 @@ def ensure_cohort(out_dir: str | os.PathLike, num_subjects: int, seed: int = 0, 
     Raises:
         DataError: as :func:`write_cohort`.
     """
-    manifest_path = Path(out_dir) / "manifest.json"
     dicom = bool(kw.pop("dicom", False))
     num_workers, progress = kw.pop("num_workers", None), kw.pop("progress", True)
     options = dataclasses.asdict(PhantomOptions.from_kwargs(kw))
-    if _cohort_matches(manifest_path, int(num_subjects), int(seed), dicom, options):
-        return manifest_path
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with _cohort_lock(Path(out_dir)):
-        # Another process may have finished the cohort while this one waited for the lock.
-        if _cohort_matches(manifest_path, int(num_subjects), int(seed), dicom, options):
-            return manifest_path
-        return _write_cohort_locked(Path(out_dir), int(num_subjects), int(seed), dicom, num_workers, progress, options)
+    return ensure_cohort_files(
+        out_dir,
+        lambda path: _cohort_matches(path, int(num_subjects), int(seed), dicom, options),
+        lambda folder: _write_cohort_locked(folder, int(num_subjects), int(seed), dicom, num_workers, progress, options),
+    )
 
 
 def is_phantom_cohort(source: str | os.PathLike | None) -> bool:
