@@ -10,6 +10,7 @@ lesions, with a lesion mask).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,10 @@ __all__ = [
     "anomaly_datalist",
     "RadiographDataset",
     "AnomalyMapNetwork",
+    "REFERENCE_FILE",
+    "normal_error_reference",
+    "calibrate_anomaly_network",
+    "with_error_reference",
     "roc_auc",
     "overlay_figure",
     "evaluate_anomaly",
@@ -43,6 +48,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".dcm")
+logger = logging.getLogger(__name__)
 
 
 def _read_pixels(path: Path) -> np.ndarray:
@@ -161,6 +167,11 @@ class AnomalyMapNetwork(nn.Module):
     The patch orders of the ``num_masks`` masks are drawn once from ``seed`` (a non-persistent buffer: the state
     dict is the model's, under ``model.``), so every call, batch and traced copy scores an image the same way.
 
+    Without a reference the map is the raw squared reconstruction error. With one (:meth:`set_reference`, from
+    :func:`normal_error_reference`) it is that error standardised per pixel by its mean and spread over normal images,
+    so places every normal image reconstructs badly (image borders, collimation edges, the spine) stop dominating the
+    map and the score. The reference is a non-persistent buffer: the weights file stays the model's own.
+
     Args:
         model: :class:`~medssl.methods.memmc_mae.MemMCMAE` or ``MaskedAutoencoder`` (one view); kept in eval mode.
         num_masks: masks per image (>= 2).
@@ -182,6 +193,29 @@ class AnomalyMapNetwork(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         noise = torch.rand(math.ceil(num_masks / per_round), spec.num_tokens, generator=generator)
         self.register_buffer("orders", noise.argsort(dim=1), persistent=False)
+        self.register_buffer("error_mean", torch.zeros(1, 1, *self.image_size), persistent=False)
+        self.register_buffer("error_scale", torch.ones(1, 1, *self.image_size), persistent=False)
+        self.has_reference = False
+
+    def set_reference(self, reference: Mapping[str, Tensor]) -> AnomalyMapNetwork:
+        """Standardise the maps by a normal-error reference ``{"mean": [1, 1, H, W], "scale": [1, 1, H, W]}``.
+
+        Raises:
+            DataError: when the reference maps do not have this network's image size or a scale is not positive.
+        """
+        mean, scale = reference.get("mean"), reference.get("scale")
+        expected = (1, 1, *self.image_size)
+        if mean is None or scale is None or tuple(mean.shape) != expected or tuple(scale.shape) != expected:
+            raise DataError(
+                f"the normal-error reference must hold 'mean' and 'scale' maps of shape {list(expected)}, got "
+                f"{ {key: list(value.shape) for key, value in reference.items()} }."
+            )
+        if not bool((scale > 0).all()):
+            raise DataError("the normal-error reference has a non-positive scale.")
+        self.error_mean.copy_(mean)
+        self.error_scale.copy_(scale)
+        self.has_reference = True
+        return self
 
     def train(self, mode: bool = True) -> AnomalyMapNetwork:
         """Stay in eval mode: the maps are an inference product (no dropout or drop path)."""
@@ -189,7 +223,90 @@ class AnomalyMapNetwork(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         """Args: image ``[B, C, *image_size]``. Returns: the anomaly map ``[B, 1, *image_size]``."""
-        return reconstruction_error_maps(self.model, image, self.num_masks, orders=self.orders)
+        errors = reconstruction_error_maps(self.model, image, self.num_masks, orders=self.orders)
+        return (errors - self.error_mean) / self.error_scale
+
+
+REFERENCE_FILE = "error_reference.safetensors"
+"""Name of the normal-error reference beside a run's weights (``<run_dir>/models/``)."""
+
+
+@torch.no_grad()
+def normal_error_reference(
+    network: AnomalyMapNetwork,
+    datalist: Sequence[Mapping[str, Any]],
+    batch_size: int = 8,
+    max_images: int = 64,
+    floor: float = 0.1,
+) -> dict[str, Tensor]:
+    """Per-pixel mean and spread of the raw reconstruction error over normal images.
+
+    Args:
+        network: the map network (its current reference is ignored).
+        datalist: normal images (``{"image": path}``), e.g. the training split of the anomaly cohort.
+        batch_size: images per forward pass.
+        max_images: the first this many images are used (>= 2).
+        floor: the scale is ``std + floor * mean(std)``, so pixels no normal image ever gets wrong (outside the
+            collimation) cannot turn a tiny error into a huge score.
+
+    Returns:
+        ``{"mean": [1, 1, H, W], "scale": [1, 1, H, W]}`` (float32, CPU).
+
+    Raises:
+        DataError: for fewer than two images, or as :func:`read_radiograph`.
+    """
+    items = list(datalist)[: max(2, int(max_images))]
+    if len(items) < 2:
+        raise DataError(f"a normal-error reference needs at least 2 normal images, got {len(items)}.")
+    device = next(network.parameters()).device
+    maps = []
+    for start in range(0, len(items), batch_size):
+        images = torch.stack([read_radiograph(item["image"], network.image_size, network.patch_size)
+                              for item in items[start : start + batch_size]])
+        maps.append(reconstruction_error_maps(network.model, images.to(device), network.num_masks,
+                                              orders=network.orders).float().cpu())
+    stacked = torch.cat(maps)
+    mean, std = stacked.mean(dim=0, keepdim=True), stacked.std(dim=0, keepdim=True)
+    return {"mean": mean, "scale": std + floor * std.mean().clamp_min(1e-12)}
+
+
+def calibrate_anomaly_network(
+    network: AnomalyMapNetwork,
+    normal_datalist: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    batch_size: int = 8,
+    max_images: int = 64,
+) -> AnomalyMapNetwork:
+    """Compute the normal-error reference of ``network`` (:func:`normal_error_reference`), write it to ``path``
+    (safetensors) for inference, and set it; returns the network."""
+    from safetensors.torch import save_file
+
+    reference = normal_error_reference(network, normal_datalist, batch_size, max_images)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in reference.items()}, str(path))
+    return network.set_reference(reference)
+
+
+def with_error_reference(network: AnomalyMapNetwork, path: str | os.PathLike | None) -> AnomalyMapNetwork:
+    """Set the reference written by :func:`calibrate_anomaly_network` when ``path`` exists; otherwise keep the raw
+    error maps and say so in the log. Returns the network.
+
+    Raises:
+        DataError: when the file is unreadable or its maps do not fit the network.
+    """
+    if path is None or not Path(path).is_file():
+        logger.warning(
+            f"no normal-error reference at {path}: scoring raw reconstruction errors (run evaluate.json once to write "
+            "it)."
+        )
+        return network
+    from safetensors.torch import load_file
+
+    try:
+        reference = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise DataError(f"cannot read the normal-error reference {Path(path).name}: {error}") from error
+    return network.set_reference(reference)
 
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:

@@ -48,6 +48,7 @@ def test_train_evaluate_and_infer_through_the_monai_command(tmp_path, run_cli):
     with open(run_dir / "evaluation" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["label"]) for row in rows] == [0, 1, 0, 1, 0, 1] and all(float(row["score"]) > 0 for row in rows)
+    assert (run_dir / "models" / "error_reference.safetensors").is_file()  # the normal-error reference, for inference
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])  # the evaluation is logged into the training's run
     assert run.data.metrics["eval_pixel_auroc"] == pytest.approx(metrics["eval_pixel_auroc"])
@@ -65,5 +66,7 @@ def test_train_evaluate_and_infer_through_the_monai_command(tmp_path, run_cli):
     run_cli([CONFIGS / "inference.json"], inference, tmp_path)
     with open(run_dir / "predictions" / "predictions.csv") as handle:
         predicted = list(csv.DictReader(handle))
-    assert [row["file"] for row in predicted] == ["lesion.png"] and float(predicted[0]["score"]) > 0
+    assert [row["file"] for row in predicted] == ["lesion.png"]
+    # same masks, same reference: inference scores the image exactly as the evaluation did
+    assert float(predicted[0]["score"]) == pytest.approx(float(rows[1]["score"]), rel=1e-4)
     assert (run_dir / "predictions" / "maps" / "lesion_anomaly.png").is_file()

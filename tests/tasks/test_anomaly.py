@@ -13,14 +13,18 @@ from medssl.data.cxr_phantom import ensure_cxr_cohort
 from medssl.errors import DataError
 from medssl.methods import MaskedAutoencoder, MemMCMAE
 from medssl.tasks.anomaly import (
+    REFERENCE_FILE,
     AnomalyMapNetwork,
     RadiographDataset,
     anomaly_datalist,
+    calibrate_anomaly_network,
     evaluate_anomaly,
+    normal_error_reference,
     predict_anomaly_folder,
     read_radiograph,
     report_anomaly,
     roc_auc,
+    with_error_reference,
 )
 
 MODEL = {"embed_dim": 16, "depth": 2, "num_heads": 2, "decoder_dim": 8, "decoder_depth": 1, "decoder_num_heads": 2,
@@ -132,3 +136,40 @@ def test_evaluate_report_and_predict_folder(cohort, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .png or .dcm radiograph in empty"):
         predict_anomaly_folder(network, tmp_path / "empty", tmp_path / "o2")
+
+
+def test_normal_error_reference_standardises_the_maps_per_pixel(cohort, tmp_path, caplog):
+    network = AnomalyMapNetwork(tiny_memmc(), num_masks=4, seed=0)
+    normals = anomaly_datalist(cohort, "training") + [item for item in anomaly_datalist(cohort, "test")
+                                                      if item["label"] == 0]
+    assert len(normals) >= 3
+    images = torch.stack([read_radiograph(item["image"], (32, 32), (8, 8)) for item in normals])
+    raw = network(images)
+    reference = normal_error_reference(network, normals, batch_size=2, max_images=len(normals), floor=0.1)
+    std = raw.std(dim=0, keepdim=True)
+    torch.testing.assert_close(reference["mean"], raw.mean(dim=0, keepdim=True))
+    torch.testing.assert_close(reference["scale"], std + 0.1 * std.mean())
+    path = tmp_path / "models" / REFERENCE_FILE
+    calibrated = calibrate_anomaly_network(network, normals, path, batch_size=2, max_images=len(normals))
+    assert calibrated is network and network.has_reference and path.is_file()
+    standardised = network(images)
+    torch.testing.assert_close(standardised, (raw - reference["mean"]) / reference["scale"])
+    torch.testing.assert_close(standardised.mean(dim=0), torch.zeros(1, 32, 32), atol=1e-5, rtol=0)
+    assert "error_mean" not in network.state_dict() and "error_scale" not in network.state_dict()
+
+    # inference: the written file gives the same maps; no file -> raw maps and a warning; a damaged file -> DataError
+    loaded = with_error_reference(AnomalyMapNetwork(network.model, num_masks=4, seed=0), path)
+    torch.testing.assert_close(loaded(images), standardised)
+    with caplog.at_level("WARNING"):
+        plain = with_error_reference(AnomalyMapNetwork(network.model, num_masks=4, seed=0), tmp_path / "none.st")
+    assert not plain.has_reference and "no normal-error reference" in caplog.text
+    torch.testing.assert_close(plain(images), raw)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="cannot read the normal-error reference bad.safetensors"):
+        with_error_reference(plain, tmp_path / "bad.safetensors")
+    with pytest.raises(DataError, match=r"shape \[1, 1, 32, 32\]"):
+        plain.set_reference({"mean": torch.zeros(1, 1, 16, 16), "scale": torch.ones(1, 1, 16, 16)})
+    with pytest.raises(DataError, match="non-positive scale"):
+        plain.set_reference({"mean": torch.zeros(1, 1, 32, 32), "scale": torch.zeros(1, 1, 32, 32)})
+    with pytest.raises(DataError, match="at least 2 normal images"):
+        normal_error_reference(plain, normals[:1])
