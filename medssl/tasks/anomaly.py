@@ -278,9 +278,16 @@ def calibrate_anomaly_network(
     max_images: int = 64,
 ) -> AnomalyMapNetwork:
     """Compute the normal-error reference of ``network`` (:func:`normal_error_reference`), write it to ``path``
-    (safetensors) for inference, and set it; returns the network."""
+    (safetensors) for inference, and set it; returns the network.
+
+    ``max_images=0`` turns the reference off: the maps stay raw errors and a reference file left at ``path`` by an
+    earlier evaluation is removed, so inference scores the same way.
+    """
     from safetensors.torch import save_file
 
+    if int(max_images) == 0:
+        Path(path).unlink(missing_ok=True)
+        return network
     reference = normal_error_reference(network, normal_datalist, batch_size, max_images)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({key: value.contiguous() for key, value in reference.items()}, str(path))

@@ -39,8 +39,8 @@ def test_train_evaluate_and_infer_through_the_monai_command(tmp_path, run_cli):
     weights = run_dir / "models" / "model.safetensors"
     assert weights.is_file()
 
-    run_cli([CONFIGS / "train.json", CONFIGS / "evaluate.json"], {**overrides, "num_masks": 3, "num_figures": 2},
-            tmp_path)
+    run_cli([CONFIGS / "train.json", CONFIGS / "evaluate.json"],
+            {**overrides, "num_masks": 3, "num_figures": 2, "reference_images": 8}, tmp_path)
     evaluation = json.loads((run_dir / "evaluation" / "summary.json").read_text())
     metrics = evaluation["metrics"]
     for key in ("eval_image_auroc", "eval_image_auroc_mean", "eval_pixel_auroc"):

@@ -173,3 +173,7 @@ def test_normal_error_reference_standardises_the_maps_per_pixel(cohort, tmp_path
         plain.set_reference({"mean": torch.zeros(1, 1, 32, 32), "scale": torch.zeros(1, 1, 32, 32)})
     with pytest.raises(DataError, match="at least 2 normal images"):
         normal_error_reference(plain, normals[:1])
+    # max_images=0: off, and the stale file goes so that inference scores as the evaluation did
+    off = calibrate_anomaly_network(AnomalyMapNetwork(network.model, num_masks=4, seed=0), normals, path, max_images=0)
+    assert not off.has_reference and not path.exists()
+    torch.testing.assert_close(off(images), raw)
