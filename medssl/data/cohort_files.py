@@ -8,7 +8,8 @@ manifest exists is complete. The pieces here make that hold when writers crash o
 - :func:`begin_cohort`: the manifest and stale staging folders of an earlier, interrupted run are removed first;
 - :func:`run_jobs`: items are generated in spawned worker processes, with a progress bar, failing fast;
 - :func:`write_manifest`: the manifest is replaced atomically;
-- :func:`ensure_cohort_files`: reuse a complete matching cohort, else (re)write it under the lock.
+- :func:`ensure_cohort_files`: reuse a complete matching cohort, else (re)write it under the lock;
+- :func:`cohort_settings`: the options of an ``ensure_*`` call, checked against the generator's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["atomic_folder", "begin_cohort", "cohort_lock", "ensure_cohort_files", "run_jobs", "write_manifest"]
+from medssl.errors import DataError
+
+__all__ = [
+    "atomic_folder",
+    "begin_cohort",
+    "cohort_lock",
+    "cohort_settings",
+    "ensure_cohort_files",
+    "run_jobs",
+    "write_manifest",
+]
 
 MANIFEST = "manifest.json"
 
@@ -152,3 +163,26 @@ def ensure_cohort_files(
         if matches(manifest_path):
             return manifest_path
         return write(out_dir)
+
+
+def cohort_settings(kw: dict[str, Any], defaults: dict[str, Any], what: str) -> tuple[dict[str, Any], int | None, bool]:
+    """Split an ``ensure_*`` call's keywords into the generator's settings and how to write.
+
+    Args:
+        kw: the keywords: generator options (names of ``defaults``), ``num_workers`` and ``progress``.
+        defaults: the generator's options and their defaults.
+        what: the cohort's name in an error message, e.g. ``"CT cohort"``.
+
+    Returns:
+        ``(settings, num_workers, progress)``: ``defaults`` updated by ``kw``; ``num_workers`` (None) and
+        ``progress`` (True).
+
+    Raises:
+        DataError: for a keyword that is not an option, naming the valid ones.
+    """
+    options = dict(kw)
+    num_workers, progress = options.pop("num_workers", None), options.pop("progress", True)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise DataError(f"unknown {what} option(s) {unknown}; valid are {sorted(defaults)}.")
+    return {**defaults, **options}, num_workers, progress

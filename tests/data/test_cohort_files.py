@@ -10,10 +10,12 @@ from medssl.data.cohort_files import (
     atomic_folder,
     begin_cohort,
     cohort_lock,
+    cohort_settings,
     ensure_cohort_files,
     run_jobs,
     write_manifest,
 )
+from medssl.errors import DataError
 
 
 def _square_or_fail(value: int) -> int:
@@ -98,3 +100,12 @@ def test_ensure_cohort_files_writes_only_when_nothing_matches(tmp_path):
 def test_cohort_lock_creates_the_folder(tmp_path):
     with cohort_lock(tmp_path / "new" / "cohort"):
         assert (tmp_path / "new" / "cohort" / ".lock").is_file()
+
+
+def test_cohort_settings_fills_defaults_and_names_unknown_options():
+    settings, workers, progress = cohort_settings({"size": 64, "num_workers": 2, "progress": False},
+                                                  {"size": 224, "mode": "findings"}, "test cohort")
+    assert settings == {"size": 64, "mode": "findings"} and workers == 2 and progress is False
+    assert cohort_settings({}, {"size": 224}, "test cohort") == ({"size": 224}, None, True)
+    with pytest.raises(DataError, match=r"unknown test cohort option\(s\) \['colour'\]; valid are \['size'\]"):
+        cohort_settings({"colour": True}, {"size": 224}, "test cohort")

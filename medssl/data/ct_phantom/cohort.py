@@ -29,6 +29,7 @@ from medssl.data.cohort_files import (
     atomic_folder,
     begin_cohort,
     cohort_lock,
+    cohort_settings,
     ensure_cohort_files,
     run_jobs,
     write_manifest,
@@ -234,11 +235,7 @@ def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
     Raises:
         DataError: as :func:`write_ct_cohort`, or for an unknown keyword.
     """
-    num_workers, progress = kw.pop("num_workers", None), kw.pop("progress", True)
-    unknown = sorted(set(kw) - set(_DEFAULTS))
-    if unknown:
-        raise DataError(f"unknown CT cohort option(s) {unknown}; valid are {sorted(_DEFAULTS)}.")
-    settings = {**_DEFAULTS, **kw}
+    settings, num_workers, progress = cohort_settings(kw, _DEFAULTS, "CT cohort")
     options = _validated(num_images, seed, settings["dims"], settings["size"], settings["depth"], settings["num_test"],
                          num_workers)
     return ensure_cohort_files(

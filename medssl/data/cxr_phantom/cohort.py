@@ -39,6 +39,7 @@ from medssl.data.cohort_files import (
     atomic_folder,
     begin_cohort,
     cohort_lock,
+    cohort_settings,
     ensure_cohort_files,
     run_jobs,
     write_manifest,
@@ -49,6 +50,7 @@ from medssl.errors import DataError, MedsslError
 __all__ = ["MODES", "ensure_cxr_cohort", "lesion_findings", "write_cxr_cohort"]
 
 MODES = ("findings", "anomaly")
+_DEFAULTS = {"size": 224, "mode": "findings", "num_test": 0, "dicom": False}
 _TEST_OFFSET = 1_000_000
 
 
@@ -250,12 +252,7 @@ def ensure_cxr_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0
     Raises:
         DataError: as :func:`write_cxr_cohort`, or for an unknown keyword.
     """
-    num_workers, progress = kw.pop("num_workers", None), kw.pop("progress", True)
-    defaults = {"size": 224, "mode": "findings", "num_test": 0, "dicom": False}
-    unknown = sorted(set(kw) - set(defaults))
-    if unknown:
-        raise DataError(f"unknown cohort option(s) {unknown}; valid are {sorted(defaults)}")
-    settings = {**defaults, **kw}
+    settings, num_workers, progress = cohort_settings(kw, _DEFAULTS, "chest X-ray cohort")
     options = _validated(
         num_images, seed, settings["size"], settings["mode"], settings["num_test"], settings["dicom"], num_workers
     )

@@ -83,7 +83,7 @@ def test_bad_cohort_arguments_raise(tmp_path, kwargs, message):
 
 
 def test_ensure_rejects_unknown_options(tmp_path):
-    with pytest.raises(DataError, match="unknown cohort option"):
+    with pytest.raises(DataError, match=r"unknown chest X-ray cohort option"):
         ensure_cxr_cohort(tmp_path, 1, frames=3)
 
 
