@@ -9,7 +9,8 @@ manifest exists is complete. The pieces here make that hold when writers crash o
 - :func:`run_jobs`: items are generated in spawned worker processes, with a progress bar, failing fast;
 - :func:`write_manifest`: the manifest is replaced atomically;
 - :func:`ensure_cohort_files`: reuse a complete matching cohort, else (re)write it under the lock;
-- :func:`cohort_settings`: the options of an ``ensure_*`` call, checked against the generator's.
+- :func:`cohort_settings`: the options of an ``ensure_*`` call, checked against the generator's;
+- :func:`manifest_matches`: whether a written cohort is complete and was made with given options.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "cohort_lock",
     "cohort_settings",
     "ensure_cohort_files",
+    "manifest_matches",
     "run_jobs",
     "write_manifest",
 ]
@@ -186,3 +188,23 @@ def cohort_settings(kw: dict[str, Any], defaults: dict[str, Any], what: str) -> 
     if unknown:
         raise DataError(f"unknown {what} option(s) {unknown}; valid are {sorted(defaults)}.")
     return {**defaults, **options}, num_workers, progress
+
+
+def manifest_matches(manifest_path: Path, generator: str, options: dict[str, Any], file_keys: Sequence[str]) -> bool:
+    """Whether ``manifest_path`` is a complete cohort of ``generator`` written with ``options``.
+
+    The manifest must name the generator, hold every option with the same value, list
+    ``options["num_images"] + options["num_test"]`` entries under ``training`` and ``test``, and every entry's files
+    under ``file_keys`` must exist. An unreadable or malformed manifest does not match.
+    """
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("generator") != generator or any(manifest.get(key) != value for key, value in options.items()):
+            return False
+        entries = manifest["training"] + manifest["test"]
+        if len(entries) != options["num_images"] + options["num_test"]:
+            return False
+        root = manifest_path.parent
+        return all((root / entry[key]).is_file() for entry in entries for key in file_keys)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

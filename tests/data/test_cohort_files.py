@@ -12,6 +12,7 @@ from medssl.data.cohort_files import (
     cohort_lock,
     cohort_settings,
     ensure_cohort_files,
+    manifest_matches,
     run_jobs,
     write_manifest,
 )
@@ -109,3 +110,20 @@ def test_cohort_settings_fills_defaults_and_names_unknown_options():
     assert cohort_settings({}, {"size": 224}, "test cohort") == ({"size": 224}, None, True)
     with pytest.raises(DataError, match=r"unknown test cohort option\(s\) \['colour'\]; valid are \['size'\]"):
         cohort_settings({"colour": True}, {"size": 224}, "test cohort")
+
+
+def test_manifest_matches_needs_generator_options_counts_and_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "image.png").write_bytes(b"x")
+    options = {"num_images": 1, "num_test": 0, "size": 64}
+    manifest = {"generator": "gen", **options, "training": [{"image": "a/image.png"}], "test": []}
+    path = write_manifest(tmp_path / "manifest.json", manifest)
+    assert manifest_matches(path, "gen", options, ("image",))
+    assert not manifest_matches(path, "other", options, ("image",))
+    assert not manifest_matches(path, "gen", {**options, "size": 32}, ("image",))
+    assert not manifest_matches(path, "gen", {**options, "num_test": 1}, ("image",))
+    assert not manifest_matches(path, "gen", options, ("image", "mask"))  # an entry lacks a file key
+    (tmp_path / "a" / "image.png").unlink()
+    assert not manifest_matches(path, "gen", options, ("image",))
+    path.write_text("{not json")
+    assert not manifest_matches(path, "gen", options, ("image",))

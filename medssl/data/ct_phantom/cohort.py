@@ -31,6 +31,7 @@ from medssl.data.cohort_files import (
     cohort_lock,
     cohort_settings,
     ensure_cohort_files,
+    manifest_matches,
     run_jobs,
     write_manifest,
 )
@@ -205,20 +206,6 @@ def write_ct_cohort(
         return _write_locked(out_dir, options, num_workers, progress)
 
 
-def _cohort_matches(manifest_path: Path, options: dict) -> bool:
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("generator") != GENERATOR or any(manifest.get(key) != value for key, value in options.items()):
-            return False
-        entries = manifest["training"] + manifest["test"]
-        root = manifest_path.parent
-        return len(entries) == options["num_images"] + options["num_test"] and all(
-            (root / entry[key]).is_file() for entry in entries for key in ("image", "metadata")
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0, **kw) -> Path:
     """Return the manifest of the cohort in ``out_dir``, generating it unless a matching one is complete.
 
@@ -240,7 +227,7 @@ def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
                          num_workers)
     return ensure_cohort_files(
         out_dir,
-        lambda path: _cohort_matches(path, options),
+        lambda path: manifest_matches(path, GENERATOR, options, ("image", "metadata")),
         lambda folder: _write_locked(folder, options, num_workers, progress),
     )
 

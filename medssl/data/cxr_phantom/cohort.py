@@ -41,6 +41,7 @@ from medssl.data.cohort_files import (
     cohort_lock,
     cohort_settings,
     ensure_cohort_files,
+    manifest_matches,
     run_jobs,
     write_manifest,
 )
@@ -218,19 +219,9 @@ def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progres
     return write_manifest(manifest_path, manifest)
 
 
-def _cohort_matches(manifest_path: Path, options: dict) -> bool:
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("generator") != GENERATOR or any(manifest.get(key) != value for key, value in options.items()):
-            return False
-        entries = manifest["training"] + manifest["test"]
-        if len(entries) != options["num_images"] + options["num_test"]:
-            return False
-        root = manifest_path.parent
-        keys = ("image", "findings_mask", "anatomy", "metadata") + (("dicom",) if options["dicom"] else ())
-        return all((root / entry[key]).is_file() for entry in entries for key in keys)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+def _file_keys(dicom: bool) -> tuple[str, ...]:
+    """The files every manifest entry names."""
+    return ("image", "findings_mask", "anatomy", "metadata") + (("dicom",) if dicom else ())
 
 
 def ensure_cxr_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0, **kw) -> Path:
@@ -258,6 +249,6 @@ def ensure_cxr_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0
     )
     return ensure_cohort_files(
         out_dir,
-        lambda path: _cohort_matches(path, options),
+        lambda path: manifest_matches(path, GENERATOR, options, _file_keys(options["dicom"])),
         lambda folder: _write_locked(folder, options, num_workers, progress),
     )
