@@ -384,19 +384,27 @@ def reconstruction_error_maps(
     return errors / counts
 
 
-def image_scores(maps: Tensor, top_fraction: float = 1.0) -> Tensor:
+def image_scores(maps: Tensor, top_fraction: float = 1.0, margin: int = 0) -> Tensor:
     """Image anomaly scores: the mean of the highest ``top_fraction`` of each map's pixels.
 
     Args:
-        maps: ``[B, ...]`` anomaly maps.
+        maps: ``[B, C, *spatial]`` anomaly maps.
         top_fraction: fraction of pixels averaged, in ``(0, 1]`` (1: the whole map's mean; at least one pixel).
+        margin: pixels left out along every edge of every spatial axis (e.g. a radiograph's collimation edges and
+            markers), >= 0 and leaving at least one pixel.
 
     Returns:
         ``[B]``.
 
     Raises:
-        ValueError: for ``top_fraction`` outside ``(0, 1]``.
+        ValueError: for ``top_fraction`` outside ``(0, 1]`` or a margin that is negative or leaves no pixel.
     """
     _check_fraction(top_fraction)
+    spatial = maps.shape[2:]
+    if isinstance(margin, bool) or int(margin) != margin or margin < 0 or 2 * margin >= min(spatial, default=0):
+        raise ValueError(f"margin must be a whole number of pixels >= 0 that leaves part of the {list(spatial)} map, "
+                         f"got {margin}.")
+    if margin:
+        maps = maps[(slice(None), slice(None), *(slice(margin, -margin) for _ in spatial))]
     flat = maps.flatten(1)
     return flat.topk(max(1, round(top_fraction * flat.shape[1])), dim=1).values.mean(dim=1)

@@ -27,11 +27,9 @@ Resumable: a run whose ``result.json`` exists is not run again (its training che
 interrupted during training continues from its last checkpoint, and the table and figure are rewritten after every
 run.
 
-Cost of the defaults (:data:`DEFAULT_SETTINGS`: the bundle's 300 + 150 image cohort of 128 x 128 slices and its
-SparK pre-training, then 24 fine-tuning runs of 6 epochs of 10 iterations of batch 32, each evaluated on the 150 test
-slices): estimated, not measured end to end, at about 45 minutes on the 2-core CPU this was developed on (cohort
-2-4 min, pre-training about 7 min, a fine-tuning run about 80 s plus 10-20 s of evaluation and start-up), from steps
-timed while other trainings held the machine (a SparK step of batch 32 took 3-10 s, a fine-tuning step 0.5-1.3 s).
+Cost of the defaults (:data:`DEFAULT_SETTINGS`: the bundle's 300 + 150 image cohort of 96 mm nodule-candidate
+patches at 128 x 128 and its SparK pre-training, then 24 fine-tuning runs of the bundle's 15 epochs of 10 iterations
+of batch 32, each evaluated on the 150 test patches): see the spark_ct bundle README for the time measured.
 :data:`QUICK_SETTINGS` checks the whole pipeline on tiny data.
 """
 
@@ -93,6 +91,8 @@ class DatasetSizeSettings:
         num_test: test images of the cohort (the evaluation set).
         cohort_seed: seed of the synthetic cohort.
         image_size: the slice (2 axes) or volume (3 axes) size, every axis a multiple of 32.
+        patch_mm: width of the nodule-candidate patches in mm (None: whole slices); see
+            :func:`medssl.data.ct_phantom.generate_ct_image`.
         finetune: ``finetune.json`` overrides shared by every run (model, epochs, ...).
         pretrain: ``train.json`` overrides of the pre-training.
     """
@@ -103,6 +103,7 @@ class DatasetSizeSettings:
     num_test: int = 150
     cohort_seed: int = 0
     image_size: tuple[int, ...] = (128, 128)
+    patch_mm: float | None = 96.0
     finetune: Mapping[str, Any] = field(default_factory=dict)
     pretrain: Mapping[str, Any] = field(default_factory=dict)
 
@@ -127,9 +128,9 @@ class SizeRun:
         return f"{self.init}_p{round(100 * self.fraction):03d}_seed{self.seed}"
 
 
-#: The study's defaults: the bundle's SparK pre-training (12 epochs), then 24 fine-tuning runs of 6 epochs (10
-#: iterations of 32 each, whatever the label fraction); about 45 minutes on a 2-core CPU (see the module docstring).
-DEFAULT_SETTINGS = DatasetSizeSettings(finetune={"epochs": 6})
+#: The study's defaults: the bundle's SparK pre-training (12 epochs), then 24 fine-tuning runs at the bundle's
+#: defaults (15 epochs of 10 iterations of 32 each, whatever the label fraction).
+DEFAULT_SETTINGS = DatasetSizeSettings()
 
 _TINY_MODEL = {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [4, 8, 8, 16]}
 _TINY_RUN = {"model": _TINY_MODEL, "batch_size": 2, "cache_workers": 1, "epochs": 1}
@@ -174,7 +175,8 @@ def plan_runs(settings: DatasetSizeSettings) -> list[SizeRun]:
 
 
 def _geometry(settings: DatasetSizeSettings) -> dict[str, Any]:
-    return {"image_size": list(settings.image_size), "spatial_dims": len(settings.image_size)}
+    return {"image_size": list(settings.image_size), "spatial_dims": len(settings.image_size),
+            "patch_mm": settings.patch_mm}
 
 
 def _pretrain(out_dir: Path, settings: DatasetSizeSettings, cohort: Path, uri: str) -> Path:
@@ -310,7 +312,7 @@ def run_dataset_size_study(
     shape = settings.image_size
     cohort = ensure_ct_cohort(out_dir / "cohort", settings.num_images, seed=settings.cohort_seed,
                               dims=len(shape), size=shape[0], depth=shape[2] if len(shape) == 3 else None,
-                              num_test=settings.num_test, progress=progress).parent
+                              num_test=settings.num_test, patch_mm=settings.patch_mm, progress=progress).parent
     uri = study_experiment(out_dir, EXPERIMENT_NAME)
     weights = given or _pretrain(out_dir, settings, cohort, uri)
     shared = {**settings.finetune, **geometry, "dataset_dir": str(cohort), "experiment_name": EXPERIMENT_NAME,

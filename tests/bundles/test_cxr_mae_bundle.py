@@ -79,8 +79,16 @@ def test_bundle_files_follow_the_monai_bundle_spec():
     assert (train["model"]["depth"], train["model"]["num_heads"], train["patch_size"]) == (12, 6, [16, 16])
     assert (train["model"]["decoder_dim"], train["model"]["decoder_depth"], train["mask_ratio"]) == (512, 2, 0.9)
     assert train["optim"]["betas"] == [0.9, 0.95] and train["model"]["norm_pix_loss"] is True
-    assert finetune["optim"]["layer_decay"] == 0.55 and finetune["model"]["drop_path_rate"] == 0.2
-    assert finetune["augment"] == {"num_ops": 2, "magnitude": 6, "magnitude_std": 0.5}
+    assert finetune["model"]["drop_path_rate"] == 0.2
+    # CPU defaults that learn in minutes; the published fine-tuning recipe is one overlay away
+    assert finetune["optim"]["layer_decay"] == 0.75
+    assert finetune["augment"] == {"num_ops": 2, "magnitude": 2, "magnitude_std": 0.5}
+    parser = ConfigParser()
+    parser.read_config([str(FINETUNE), str(CONFIGS / "finetune_published.json")])
+    assert parser["optim"]["layer_decay"] == 0.55 and parser["optim"]["blr"] == 0.00025  # Xiao et al.
+    assert parser["epochs"] == 75 and parser["optim"]["warmup_epochs"] == 5
+    assert parser["augment"] == {"num_ops": 2, "magnitude": 6, "magnitude_std": 0.5}
+    assert parser["optim"]["weight_decay"] == finetune["optim"]["weight_decay"]  # the rest is finetune.json's
     assert (BUNDLE / "LICENSE").read_text() == (REPO / "bundles" / "cine_mae" / "LICENSE").read_text()
     readme = (BUNDLE / "docs" / "README.md").read_text()
     assert "only run bundles you trust" in readme.lower()
@@ -104,7 +112,9 @@ def test_pretrain_finetune_evaluate_infer_through_the_monai_cli(tmp_path, cxr_co
     assert params["mask_ratio"] == "0.9" and params["num_images"] == "6" and params["augment.min_scale"] == "0.5"
 
     common = {**FINETUNE_TINY, "run_dir": str(ft_dir), "dataset_dir": str(cxr_cohort)}
-    run_cli([FINETUNE], {**common, "pretrained": str(pretrained), "num_labelled": 5}, tmp_path)
+    # the published fine-tuning recipe, as an overlay on the command line
+    run_cli([FINETUNE, CONFIGS / "finetune_published.json"], {**common, "pretrained": str(pretrained),
+                                                               "num_labelled": 5}, tmp_path)
     summary = json.loads((ft_dir / "summary.json").read_text())
     assert summary["iterations"] == 4  # 5 labelled images, batch 3, 2 epochs
     tuned = load_file(str(ft_dir / "models" / "model.safetensors"))

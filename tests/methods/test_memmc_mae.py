@@ -206,3 +206,11 @@ def test_image_scores_average_the_top_fraction():
     torch.testing.assert_close(image_scores(maps, 0.01), maps.flatten(1).max(1).values)  # at least one pixel
     with pytest.raises(ValueError, match=r"top_fraction must lie in \(0, 1\], got 0"):
         image_scores(maps, 0)
+    # a margin leaves the edges out: a hot border pixel stops counting, an interior one still does
+    edged = torch.zeros(1, 1, 8, 8)
+    edged[0, 0, 0, 3], edged[0, 0, 4, 4] = 9.0, 2.0
+    assert image_scores(edged, 0.01).item() == 9.0 and image_scores(edged, 0.01, margin=1).item() == 2.0
+    torch.testing.assert_close(image_scores(edged, 1.0, margin=2), torch.tensor([2.0 / 16]))
+    for bad in (-1, 4, 1.5):
+        with pytest.raises(ValueError, match="margin must be a whole number of pixels"):
+            image_scores(edged, 0.5, margin=bad)

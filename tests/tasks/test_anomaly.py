@@ -109,6 +109,22 @@ def test_map_network_is_deterministic_and_saves_only_the_model_weights():
     assert AnomalyMapNetwork(MaskedAutoencoder((32, 32), (8, 8), **MODEL), 2)(images).shape == (2, 1, 32, 32)
 
 
+def test_map_smoothing_is_a_mirrored_gaussian_of_the_raw_map():
+    from scipy.ndimage import gaussian_filter
+
+    model = tiny_memmc()
+    images = torch.rand(2, 1, 32, 32)
+    raw = AnomalyMapNetwork(model, num_masks=3, seed=4)(images)
+    smoothed = AnomalyMapNetwork(model, num_masks=3, seed=4, smooth_sigma=2.0)(images)
+    expected = np.stack([gaussian_filter(m[0].double().numpy(), 2.0, mode="mirror", truncate=4.0) for m in raw])
+    np.testing.assert_allclose(smoothed[:, 0].numpy(), expected, atol=1e-4 * float(raw.abs().max()))
+    assert smoothed.std() < raw.std()  # smoothing spreads the error, and keeps its mean (up to the mirrored edges)
+    torch.testing.assert_close(smoothed.mean(), raw.mean(), rtol=0.05, atol=0.0)
+    for bad in (-1.0, 8.0):  # 8 px: a 32 px kernel radius does not fit a 32 px image
+        with pytest.raises(ValueError, match="smooth_sigma must be >= 0 with a kernel radius"):
+            AnomalyMapNetwork(model, num_masks=3, smooth_sigma=bad)
+
+
 def test_evaluate_report_and_predict_folder(cohort, tmp_path):
     network = AnomalyMapNetwork(tiny_memmc(), num_masks=2)
     result = evaluate_anomaly(network, anomaly_datalist(cohort, "test"), tmp_path / "maps", batch_size=4,

@@ -1,7 +1,8 @@
-"""Synthetic chest CT in Hounsfield units with an exact nodule class: slices or volumes, cohorts on disk.
+"""Synthetic chest CT in Hounsfield units with an exact nodule class: whole slices, nodule-candidate patches or
+volumes, cohorts on disk.
 
 - :mod:`medssl.data.ct_phantom.scene`: the random patient (body, fat, muscle, ribs, spine, lungs, vessels, heart,
-  aorta, nodule) and its partial-volume rendering with texture and noise;
+  aorta, nodule), the centre of a candidate patch, and the partial-volume rendering with texture and noise;
 - :mod:`medssl.data.ct_phantom.cohort`: :func:`ensure_ct_cohort` (NIfTI + manifest, deterministic per seed,
   resumable) and :func:`load_ct_datalist`.
 """

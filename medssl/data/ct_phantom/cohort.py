@@ -1,10 +1,12 @@
-"""Synthetic chest CT cohorts on disk: axial slices (2D) or small volumes (3D) in HU with an exact nodule class.
+"""Synthetic chest CT cohorts on disk: axial slices or nodule-candidate patches (2D) or small volumes (3D) in HU
+with an exact nodule class.
 
 Layout (paths in the manifest are relative to it, MONAI decathlon-style)::
 
     OUT/manifest.json              written last; absent while a run is incomplete
     OUT/img-XXXXX/image.nii.gz     int16 HU, [H, W] (2D, slice thickness in the affine) or [H, W, D] (3D)
-    OUT/img-XXXXX/metadata.json    ground truth: class, nodule centre / diameter / HU, noise levels, geometry
+    OUT/img-XXXXX/metadata.json    ground truth: class, nodule centre / diameter / HU (patient frame), noise levels,
+                                   geometry, patch centre (scanner frame)
 
 ``training`` and ``test`` entries carry ``image``, ``metadata``, ``label`` (class index in
 :data:`~medssl.data.ct_phantom.scene.CT_CLASSES`) and ``class`` (its name). Classes are balanced in consecutive
@@ -24,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medssl.data.ct_phantom.scene import CT_CLASSES, CTImage, render_scene, sample_scene
+from medssl.data.ct_phantom.scene import CT_CLASSES, CTImage, candidate_centre, render_scene, sample_scene
 from medssl.data.cohort_files import (
     atomic_folder,
     begin_cohort,
@@ -45,11 +47,17 @@ _TEST_OFFSET = 1_000_000
 _FOV_MM = 384.0
 _SLICE_MM = 2.5
 _IMAGES_PER_WORKER = 24
-_DEFAULTS = {"dims": 2, "size": 128, "depth": None, "num_test": 0}
+_DEFAULTS = {"dims": 2, "size": 128, "depth": None, "num_test": 0, "patch_mm": None}
+# A candidate patch's centre lands within this fraction of its width of the candidate (each axis).
+_JITTER_FRACTION = 0.125
 
 
-def _check_geometry(dims: int, size: int, depth: int | None) -> tuple[int, ...]:
+def _check_geometry(dims: int, size: int, depth: int | None, patch_mm: float | None = None) -> tuple[int, ...]:
     """The image shape of ``dims``/``size``/``depth``; raises DataError for unsupported values."""
+    if patch_mm is not None and (isinstance(patch_mm, bool) or not isinstance(patch_mm, (int, float))
+                                 or not 16 <= patch_mm <= _FOV_MM):
+        raise DataError(f"patch_mm must be None (the whole {_FOV_MM:g} mm slice) or a width in 16..{_FOV_MM:g} mm, "
+                        f"got {patch_mm!r}.")
     if dims not in (2, 3):
         raise DataError(f"dims must be 2 (axial slices) or 3 (volumes), got {dims!r}.")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 512:
@@ -62,10 +70,15 @@ def _check_geometry(dims: int, size: int, depth: int | None) -> tuple[int, ...]:
     return int(size), int(size), int(depth)
 
 
-def generate_ct_image(seed: int, label: int, dims: int = 2, size: int = 128, depth: int | None = None) -> CTImage:
+def generate_ct_image(
+    seed: int, label: int, dims: int = 2, size: int = 128, depth: int | None = None, patch_mm: float | None = None
+) -> CTImage:
     """Generate one synthetic chest CT image with an exact class.
 
-    The field of view is 384 mm across; a slice is 2.5 mm thick, a volume has isotropic voxels.
+    The field of view is the whole 384 mm slice, or with ``patch_mm`` a square nodule-candidate patch that wide (as
+    a detector's false-positive reduction stage sees it: centred near the nodule, or near a vessel cut by the plane
+    when there is none; see :func:`~medssl.data.ct_phantom.scene.candidate_centre`). A slice is 2.5 mm thick, a
+    volume has isotropic voxels.
 
     Args:
         seed: the image's seed (>= 0); equal arguments give identical images.
@@ -73,6 +86,7 @@ def generate_ct_image(seed: int, label: int, dims: int = 2, size: int = 128, dep
         dims: 2 for an axial slice ``[size, size]``, 3 for a volume ``[size, size, depth]``.
         size: in-plane pixels (16..512).
         depth: slices of a volume; None: ``size // 2``.
+        patch_mm: None for the whole slice, else the width of a candidate patch in mm (16..384).
 
     Returns:
         the image in HU (int16), its tissue map, affine, label and ground truth metadata.
@@ -82,13 +96,14 @@ def generate_ct_image(seed: int, label: int, dims: int = 2, size: int = 128, dep
     """
     if int(seed) < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed}.")
-    shape = _check_geometry(dims, size, depth)
+    shape = _check_geometry(dims, size, depth, patch_mm)
     rng = np.random.default_rng(int(seed))
     scene = sample_scene(rng, label)
-    step = _FOV_MM / shape[0]
+    centre = (0.0, 0.0) if patch_mm is None else candidate_centre(scene, rng, jitter_mm=_JITTER_FRACTION * patch_mm)
+    step = (_FOV_MM if patch_mm is None else float(patch_mm)) / shape[0]
     spacing = (step, step, _SLICE_MM if dims == 2 else step)
     supersample = (2, 2, 3) if dims == 2 else (2, 2, 2)
-    hu, tissues, affine, info = render_scene(scene, rng, shape, spacing, supersample=supersample)
+    hu, tissues, affine, info = render_scene(scene, rng, shape, spacing, supersample=supersample, centre_xy=centre)
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     nodule = None
     if scene.nodule is not None:
@@ -105,6 +120,7 @@ def generate_ct_image(seed: int, label: int, dims: int = 2, size: int = 128, dep
         "dims": dims,
         "shape": list(shape),
         "spacing_mm": [round(s, 6) for s in spacing],
+        "patch_centre_mm": None if patch_mm is None else [round(v, 3) for v in centre],
         "body_semi_axes_mm": [round(v, 2) for v in scene.body],
         **info,
     }
@@ -116,9 +132,10 @@ def _class_of(seed: int, index: int) -> int:
     return int(order[index % len(CT_CLASSES)])
 
 
-def _write_image(out_dir: Path, name: str, seed: int, label: int, dims: int, size: int, depth: int | None) -> dict:
+def _write_image(out_dir: Path, name: str, seed: int, label: int, dims: int, size: int, depth: int | None,
+                 patch_mm: float | None) -> dict:
     """Generate one image and write its folder atomically; returns its manifest entry."""
-    ct = generate_ct_image(seed, label, dims, size, depth)
+    ct = generate_ct_image(seed, label, dims, size, depth, patch_mm)
     with atomic_folder(out_dir, name) as staging:
         image = nib.Nifti1Image(ct.image, ct.affine)
         image.set_qform(ct.affine, code=1)
@@ -130,33 +147,34 @@ def _write_image(out_dir: Path, name: str, seed: int, label: int, dims: int, siz
             "class": CT_CLASSES[ct.label]}
 
 
-def _validated(num_images, seed, dims, size, depth, num_test, num_workers) -> dict:
+def _validated(num_images, seed, dims, size, depth, num_test, num_workers, patch_mm) -> dict:
     if isinstance(num_images, bool) or int(num_images) < 1 or int(num_test) < 0:
         raise DataError(f"need num_images >= 1 and num_test >= 0, got {num_images} and {num_test}.")
     if int(seed) < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed}.")
     if num_workers is not None and int(num_workers) < 1:
         raise DataError(f"num_workers must be >= 1 (or None for one per CPU), got {num_workers}.")
-    shape = _check_geometry(dims, size, depth)
+    shape = _check_geometry(dims, size, depth, patch_mm)
     return {"num_images": int(num_images), "num_test": int(num_test), "seed": int(seed), "dims": int(dims),
-            "size": int(size), "shape": list(shape)}
+            "size": int(size), "shape": list(shape), "patch_mm": None if patch_mm is None else float(patch_mm)}
 
 
 def _write_locked(out_dir: Path, options: dict, num_workers: int | None, progress: bool) -> Path:
     manifest_path = begin_cohort(out_dir, "img-")
-    seed, dims, size = options["seed"], options["dims"], options["size"]
+    seed, dims, size, patch_mm = options["seed"], options["dims"], options["size"], options["patch_mm"]
     depth = options["shape"][2] if dims == 3 else None
     jobs = []
     for split, count, offset in (("training", options["num_images"], 0), ("test", options["num_test"], _TEST_OFFSET)):
         prefix = "img-t" if split == "test" else "img-"
         jobs += [(out_dir, f"{prefix}{i:05d}", subject_seed(seed, offset + i), _class_of(seed + offset, i), dims, size,
-                  depth) for i in range(count)]
+                  depth, patch_mm) for i in range(count)]
     entries = run_jobs(_write_image, jobs, num_workers=num_workers, desc=f"CT phantom cohort ({dims}D)", unit="image",
                        progress=progress, in_process_below=_IMAGES_PER_WORKER)
     manifest = {
         "description": (
-            f"Synthetic chest CT ({'axial slices' if dims == 2 else 'volumes'}, HU): classes {list(CT_CLASSES)} "
-            "(no nodule, solid nodule, ground-glass nodule)."
+            f"Synthetic chest CT ({'axial slices' if dims == 2 else 'volumes'}, HU"
+            f"{'' if patch_mm is None else f', {patch_mm:g} mm nodule-candidate patches'}): classes "
+            f"{list(CT_CLASSES)} (no nodule, solid nodule, ground-glass nodule)."
         ),
         "generator": GENERATOR,
         **options,
@@ -176,6 +194,7 @@ def write_ct_cohort(
     size: int = 128,
     depth: int | None = None,
     num_test: int = 0,
+    patch_mm: float | None = None,
     num_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -187,9 +206,11 @@ def write_ct_cohort(
         num_images: training images (>= 1).
         seed: cohort seed (>= 0).
         dims: 2 (axial slices) or 3 (volumes).
-        size: in-plane pixels; the field of view is 384 mm.
+        size: in-plane pixels across the field of view (the whole 384 mm slice, or ``patch_mm``).
         depth: slices of a volume (3D); None: ``size // 2``.
         num_test: held-out test images (>= 0).
+        patch_mm: None for whole slices, else the width in mm of nodule-candidate patches (see
+            :func:`generate_ct_image`).
         num_workers: worker processes; None uses one per CPU (this process alone below 24 images); 1 runs in this
             process.
         progress: show a tqdm progress bar.
@@ -200,7 +221,7 @@ def write_ct_cohort(
     Raises:
         DataError: for non-positive counts, a negative seed or a geometry out of range.
     """
-    options = _validated(num_images, seed, dims, size, depth, num_test, num_workers)
+    options = _validated(num_images, seed, dims, size, depth, num_test, num_workers, patch_mm)
     out_dir = Path(out_dir)
     with cohort_lock(out_dir):
         return _write_locked(out_dir, options, num_workers, progress)
@@ -213,8 +234,8 @@ def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
         out_dir: cohort folder.
         num_images: training images.
         seed: cohort seed.
-        **kw: :func:`write_ct_cohort` keywords (``dims``, ``size``, ``depth``, ``num_test``, ``num_workers``,
-            ``progress``).
+        **kw: :func:`write_ct_cohort` keywords (``dims``, ``size``, ``depth``, ``num_test``, ``patch_mm``,
+            ``num_workers``, ``progress``).
 
     Returns:
         Path of ``manifest.json``.
@@ -224,7 +245,7 @@ def ensure_ct_cohort(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
     """
     settings, num_workers, progress = cohort_settings(kw, _DEFAULTS, "CT cohort")
     options = _validated(num_images, seed, settings["dims"], settings["size"], settings["depth"], settings["num_test"],
-                         num_workers)
+                         num_workers, settings["patch_mm"])
     return ensure_cohort_files(
         out_dir,
         lambda path: manifest_matches(path, GENERATOR, options, ("image", "metadata")),

@@ -26,7 +26,7 @@ from scipy.ndimage import gaussian_filter
 
 from medssl.errors import DataError
 
-__all__ = ["CT_CLASSES", "TISSUES", "MIXED", "CTScene", "CTImage", "sample_scene", "render_scene"]
+__all__ = ["CT_CLASSES", "TISSUES", "MIXED", "CTScene", "CTImage", "sample_scene", "candidate_centre", "render_scene"]
 
 #: Class names by label index.
 CT_CLASSES = ("none", "solid", "ground_glass")
@@ -203,6 +203,48 @@ def sample_scene(rng: np.random.Generator, label: int, slice_z: float = 0.0) -> 
     return CTScene(**{**scene.__dict__, "nodule": nodule})
 
 
+def candidate_centre(scene: CTScene, rng: np.random.Generator, slice_z: float = 0.0, jitter_mm: float = 0.0
+                     ) -> tuple[float, float]:
+    """The in-plane centre of a nodule-candidate patch, as a detector's candidate list would give it.
+
+    A scene with a nodule is centred on the nodule; one without is centred on a vessel cut by the plane inside a
+    lung (the look-alike a detector flags), or on a random lung point where no vessel crosses the plane. Either
+    centre then moves by up to ``jitter_mm`` along x and y, so that a class is never read off the centre pixel.
+
+    Args:
+        scene: from :func:`sample_scene`.
+        rng: the random source.
+        slice_z: z of the imaged plane.
+        jitter_mm: largest offset along each in-plane axis.
+
+    Returns:
+        ``(x, y)`` in mm, scanner frame.
+    """
+    if scene.nodule is not None:
+        x, y = scene.nodule["centre_mm"][:2]
+    else:
+        start, end = scene.vessels[:, 0], scene.vessels[:, 1]
+        dz = end[:, 2] - start[:, 2]
+        t = np.divide(slice_z - start[:, 2], dz, out=np.full(len(dz), -1.0), where=np.abs(dz) > 1e-9)
+        points = start + np.clip(t, 0.0, 1.0)[:, None] * (end - start)
+        crossing = (t >= 0) & (t <= 1)
+        in_lung = np.zeros(len(points), dtype=bool)
+        for side in (-1, 1):
+            cx, cy, la, lb = scene.lung(side, np.asarray(slice_z))
+            in_lung |= _inside_ellipse(points[:, 0], points[:, 1], cx, cy, la, lb)
+        choices = np.flatnonzero(crossing & in_lung)
+        if len(choices):
+            x, y = points[int(rng.choice(choices)), :2]
+        else:
+            cx, cy, la, lb = scene.lung(int(rng.choice([-1, 1])), np.asarray(slice_z))
+            radius, theta = math.sqrt(rng.uniform(0, 1)), rng.uniform(0, 2 * math.pi)
+            x, y = cx + 0.8 * radius * float(la) * math.cos(theta), cy + 0.8 * radius * float(lb) * math.sin(theta)
+    # Patient frame (where the anatomy is defined) -> scanner frame (where the grid is).
+    cos, sin = math.cos(scene.angle), math.sin(scene.angle)
+    x, y = scene.centre[0] + cos * x - sin * y, scene.centre[1] + sin * x + cos * y
+    return float(x) + _uniform(rng, -jitter_mm, jitter_mm), float(y) + _uniform(rng, -jitter_mm, jitter_mm)
+
+
 def _inside_ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a, b) -> np.ndarray:
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
 
@@ -289,8 +331,9 @@ def render_scene(
     slice_z: float = 0.0,
     supersample: tuple[int, int, int] = (2, 2, 3),
     noise: tuple[float, float] | None = None,
+    centre_xy: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Render a scene on a voxel grid centred on ``(0, 0, slice_z)``.
+    """Render a scene on a voxel grid centred on ``(*centre_xy, slice_z)``.
 
     Args:
         scene: from :func:`sample_scene`.
@@ -300,6 +343,7 @@ def render_scene(
         slice_z: z of the slice / the volume's centre.
         supersample: sub-samples per voxel along x, y, z (partial volume).
         noise: ``(white sd, correlated sd)`` in HU; None draws 8-25 and 4-14.
+        centre_xy: in-plane centre of the grid in mm (e.g. from :func:`candidate_centre`).
 
     Returns:
         ``(hu float32, tissues uint8, affine 4x4, info)``: ``info`` holds the noise levels.
@@ -312,7 +356,8 @@ def render_scene(
     grid = tuple(shape) if len(shape) == 3 else (*shape, 1)
     factors = tuple(int(f) for f in supersample)
     axes = []
-    for n, f, step, origin in zip(grid, factors, spacing, (0.0, 0.0, slice_z)):
+    origins = (float(centre_xy[0]), float(centre_xy[1]), slice_z)
+    for n, f, step, origin in zip(grid, factors, spacing, origins):
         offsets = (np.arange(f) + 0.5) / f - 0.5
         centres = (np.arange(n) - (n - 1) / 2) * step + origin
         axes.append((centres[:, None] + offsets[None, :] * step).ravel())
@@ -329,9 +374,7 @@ def render_scene(
     coloured = gaussian_filter(rng.normal(0.0, 1.0, grid), sigma=(1.0, 1.0, 0.0))
     hu += rng.normal(0.0, white, grid) + correlated * coloured / max(float(coloured.std()), 1e-6)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-(n - 1) / 2 * step for n, step in zip(grid[:2], spacing[:2])] + [
-        slice_z - (grid[2] - 1) / 2 * spacing[2]
-    ]
+    affine[:3, 3] = [origin - (n - 1) / 2 * step for n, step, origin in zip(grid, spacing, origins)]
     if len(shape) == 2:
         hu, tissues = hu[..., 0], tissues[..., 0]
     info = {"white_noise_hu": round(white, 3), "correlated_noise_hu": round(correlated, 3)}

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medssl.data.ct_phantom import CT_CLASSES, ensure_ct_cohort, generate_ct_image, load_ct_datalist
+from medssl.data.ct_phantom import CT_CLASSES, TISSUES, ensure_ct_cohort, generate_ct_image, load_ct_datalist
 from medssl.data.phantom import subject_seed
 from medssl.errors import DataError
 
@@ -80,6 +80,36 @@ def test_volumes(tmp_path):
     assert image.shape == (32, 32, 16)
     np.testing.assert_allclose(image.header.get_zooms(), (12.0, 12.0, 12.0))
     assert generate_ct_image(0, 2, dims=3, size=32).image.shape == (32, 32, 16)  # depth defaults to size // 2
+
+
+def test_candidate_patches_are_centred_on_the_nodule_or_a_vessel_look_alike(tmp_path):
+    """A 48 mm patch of 48 pixels (1 mm): the nodule lies within the jitter (1/8 of the width) of the patch centre,
+    the grid's affine places it where the metadata says, and a patch without a nodule is centred on blood."""
+    for seed in range(6):
+        ct = generate_ct_image(seed, 1 + seed % 2, size=48, patch_mm=48.0)
+        centre, nodule = np.array(ct.metadata["patch_centre_mm"]), np.array(ct.metadata["nodule"]["centre_mm"])
+        np.testing.assert_allclose(ct.metadata["spacing_mm"][:2], (1.0, 1.0))
+        voxel_centre = ct.affine @ np.array([23.5, 23.5, 0.0, 1.0])
+        np.testing.assert_allclose(voxel_centre[:2], centre, atol=1e-3)  # metadata: 3 decimals
+        # (the metadata's nodule centre is in the patient frame; its voxels give it in the scanner frame)
+        nodule_voxels = np.argwhere(ct.tissues == TISSUES["nodule"])
+        nodule_mm = (ct.affine[:2, :2] @ nodule_voxels.mean(0) + ct.affine[:2, 3])
+        assert np.abs(nodule_mm - centre).max() <= 48.0 / 8 + 1.0, (seed, nodule_mm, centre, nodule)
+    on_blood = 0
+    for seed in range(6):
+        ct = generate_ct_image(seed, 0, size=48, patch_mm=48.0)
+        assert ct.metadata["nodule"] is None and len(ct.metadata["patch_centre_mm"]) == 2
+        near_centre = ct.tissues[18:30, 18:30]
+        on_blood += bool((near_centre == TISSUES["blood"]).any())
+        assert not (ct.tissues == TISSUES["nodule"]).any()
+    assert on_blood >= 5  # a vessel crosses the plane near the centre unless no vessel crosses the lungs at all
+    whole = generate_ct_image(0, 1, size=SIZE)
+    assert whole.metadata["patch_centre_mm"] is None
+    np.testing.assert_allclose(whole.metadata["spacing_mm"][:2], (12.0, 12.0))
+    manifest = ensure_ct_cohort(tmp_path, 2, seed=0, size=48, patch_mm=48.0, num_workers=1, progress=False)
+    assert json.loads(manifest.read_text())["patch_mm"] == 48.0
+    with pytest.raises(DataError, match=r"patch_mm must be None \(the whole 384 mm slice\) or a width in 16..384"):
+        ensure_ct_cohort(tmp_path / "bad", 1, patch_mm=4.0)
 
 
 def test_datalist(cohort):
