@@ -86,7 +86,14 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         grad = grad.contiguous()
         flat = grad.view(-1, grad.shape[-1])
         grad_x = onednn_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_weight = onednn_matmul(flat.t(), x.view(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies a transposed left operand: transpose the narrower of grad [M, N] and x [M, K].
+            rows = x.view(-1, x.shape[-1])
+            if weight.shape[0] > weight.shape[1]:
+                grad_weight = onednn_matmul(rows.t(), flat.t()).t().contiguous()  # (x^T grad)^T
+            else:
+                grad_weight = onednn_matmul(flat.t(), rows.t())  # grad^T x
         grad_bias = flat.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
@@ -143,7 +150,9 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
 
     The forward keeps each query row's log-sum-exp; the backward recomputes a block's probabilities from it instead
     of storing them, as FlashAttention does (Dao et al., 2022, https://arxiv.org/abs/2205.14135), so memory stays
-    linear in the number of tokens. Every product operand is a contiguous matrix or its transpose.
+    linear in the number of tokens. Every product operand is a contiguous matrix or its transpose, and the wide
+    ones are contiguous: oneDNN copies a transposed input, which for the ``[N, block]`` probabilities cost more than
+    the product, so the backward accumulates ``dK^T`` and ``dV^T`` (``[Dh, N]``) rather than ``dK`` and ``dV``.
     """
 
     @staticmethod
@@ -152,6 +161,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
         block = min(length, max(16, _ATTENTION_BLOCK_ELEMENTS // length))
         scale = head_dim**-0.5
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, Dh] each, contiguous
+        v_t = v.transpose(-1, -2).contiguous()  # [B, H, Dh, N]: the probabilities' right operand
         out = qkv.new_empty(batch, length, heads, head_dim)  # token layout: reshapes to [B, N, D] for free
         logsumexp = qkv.new_empty(batch, heads, length, 1)
         for b in range(batch):
@@ -161,7 +171,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
                     scores = onednn_matmul(q[b, h, rows], k[b, h]).mul_(scale)
                     logsumexp[b, h, rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
                     probs = scores.sub_(logsumexp[b, h, rows]).exp_()
-                    out[b, rows, h] = onednn_matmul(probs, v[b, h].t())
+                    out[b, rows, h] = onednn_matmul(probs, v_t[b, h])
         ctx.save_for_backward(q, k, v, out, logsumexp)
         ctx.block = block
         return out
@@ -175,20 +185,22 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
         grad_heads = grad_out.permute(0, 2, 1, 3).contiguous()  # [B, H, N, Dh]
         # Row-wise dot(dO, O): the softmax Jacobian term of every query.
         delta = (grad_out * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, N, 1]
+        k_t = k.transpose(-1, -2).contiguous()  # [B, H, Dh, N]
         grad_qkv = q.new_empty(batch, length, 3, heads, head_dim)
         for b in range(batch):
             for h in range(heads):
-                grad_k, grad_v = torch.zeros_like(k[b, h]), torch.zeros_like(v[b, h])
+                # dK^T and dV^T [Dh, N]: x @ w.T with the wide [block, N] matrices as the (transposed) right operand
+                grad_k_t, grad_v_t = torch.zeros_like(k_t[b, h]), torch.zeros_like(k_t[b, h])
                 for start in range(0, length, ctx.block):
                     rows = slice(start, start + ctx.block)
                     q_rows, grad_rows = q[b, h, rows], grad_heads[b, h, rows]
                     probs = onednn_matmul(q_rows, k[b, h]).mul_(scale).sub_(logsumexp[b, h, rows]).exp_()
-                    grad_v += onednn_matmul(probs.t(), grad_rows.t())
+                    grad_v_t += onednn_matmul(grad_rows.t(), probs.t())
                     grad_scores = onednn_matmul(grad_rows, v[b, h]).sub_(delta[b, h, rows]).mul_(probs).mul_(scale)
-                    grad_qkv[b, rows, 0, h] = onednn_matmul(grad_scores, k[b, h].t())
-                    grad_k += onednn_matmul(grad_scores.t(), q_rows.t())
-                grad_qkv[b, :, 1, h] = grad_k
-                grad_qkv[b, :, 2, h] = grad_v
+                    grad_qkv[b, rows, 0, h] = onednn_matmul(grad_scores, k_t[b, h])
+                    grad_k_t += onednn_matmul(q_rows.t(), grad_scores.t())
+                grad_qkv[b, :, 1, h] = grad_k_t.t()
+                grad_qkv[b, :, 2, h] = grad_v_t.t()
         return grad_qkv
 
 
