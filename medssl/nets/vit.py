@@ -161,6 +161,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
         block = min(length, max(16, _ATTENTION_BLOCK_ELEMENTS // length))
         scale = head_dim**-0.5
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, Dh] each, contiguous
+        q = q * scale  # scaled once here rather than every block of scores
         v_t = v.transpose(-1, -2).contiguous()  # [B, H, Dh, N]: the probabilities' right operand
         out = qkv.new_empty(batch, length, heads, head_dim)  # token layout: reshapes to [B, N, D] for free
         logsumexp = qkv.new_empty(batch, heads, length, 1)
@@ -168,7 +169,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
             for h in range(heads):
                 for start in range(0, length, block):
                     rows = slice(start, start + block)
-                    scores = onednn_matmul(q[b, h, rows], k[b, h]).mul_(scale)
+                    scores = onednn_matmul(q[b, h, rows], k[b, h])
                     logsumexp[b, h, rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
                     probs = scores.sub_(logsumexp[b, h, rows]).exp_()
                     out[b, rows, h] = onednn_matmul(probs, v_t[b, h])
@@ -179,7 +180,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> Tensor:  # noqa: D102
-        q, k, v, out, logsumexp = ctx.saved_tensors
+        q, k, v, out, logsumexp = ctx.saved_tensors  # q is scaled by head_dim ** -0.5
         batch, heads, length, head_dim = q.shape
         scale = head_dim**-0.5
         grad_heads = grad_out.permute(0, 2, 1, 3).contiguous()  # [B, H, N, Dh]
@@ -194,10 +195,11 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
                 for start in range(0, length, ctx.block):
                     rows = slice(start, start + ctx.block)
                     q_rows, grad_rows = q[b, h, rows], grad_heads[b, h, rows]
-                    probs = onednn_matmul(q_rows, k[b, h]).mul_(scale).sub_(logsumexp[b, h, rows]).exp_()
+                    probs = onednn_matmul(q_rows, k[b, h]).sub_(logsumexp[b, h, rows]).exp_()
                     grad_v_t += onednn_matmul(grad_rows.t(), probs.t())
-                    grad_scores = onednn_matmul(grad_rows, v[b, h]).sub_(delta[b, h, rows]).mul_(probs).mul_(scale)
-                    grad_qkv[b, rows, 0, h] = onednn_matmul(grad_scores, k_t[b, h])
+                    # dS of the unscaled scores; the scale goes on the narrow products instead (dK: q is scaled)
+                    grad_scores = onednn_matmul(grad_rows, v[b, h]).sub_(delta[b, h, rows]).mul_(probs)
+                    grad_qkv[b, rows, 0, h] = onednn_matmul(grad_scores, k_t[b, h]).mul_(scale)
                     grad_k_t += onednn_matmul(q_rows.t(), grad_scores.t())
                 grad_qkv[b, :, 1, h] = grad_k_t.t()
                 grad_qkv[b, :, 2, h] = grad_v_t.t()
