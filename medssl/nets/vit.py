@@ -152,12 +152,12 @@ _ATTENTION_KEEP_PROBS_BYTES = 256 * 2**20
 class _OneDNNAttentionFunction(torch.autograd.Function):
     """Softmax attention from a fused ``qkv`` tensor with oneDNN products, one block of queries at a time.
 
-    The forward keeps each query row's log-sum-exp; above :data:`_ATTENTION_KEEP_PROBS_BYTES` the backward recomputes
-    a block's probabilities from it instead of storing them, as FlashAttention does (Dao et al., 2022,
+    The forward keeps each query row's log-sum-exp; above :data:`_ATTENTION_KEEP_PROBS_BYTES` the backward
+    recomputes a block's probabilities from it instead of storing them, as FlashAttention does (Dao et al., 2022,
     https://arxiv.org/abs/2205.14135), so memory stays linear in the number of tokens; below it the forward's
-    probabilities are kept for the backward. Every product operand is a contiguous matrix or its transpose, and the wide
-    ones are contiguous: oneDNN copies a transposed input, which for the ``[N, block]`` probabilities cost more than
-    the product, so the backward accumulates ``dK^T`` and ``dV^T`` (``[Dh, N]``) rather than ``dK`` and ``dV``.
+    probability blocks are kept for the backward. Every product operand is a contiguous matrix or its transpose, and
+    the wide ones are contiguous: oneDNN copies a transposed left operand, which for the ``[N, block]`` probabilities
+    cost more than the product, so the backward accumulates ``dK^T`` and ``dV^T`` (``[Dh, N]``), not ``dK``, ``dV``.
     """
 
     @staticmethod

@@ -56,7 +56,8 @@ def test_train_evaluate_and_infer_through_the_monai_command(tmp_path, run_cli):
     run = client.get_run(summary["run_id"])  # the evaluation is logged into the training's run
     assert run.data.metrics["eval_pixel_auroc"] == pytest.approx(metrics["eval_pixel_auroc"])
     assert run.data.params["method"] == "memmc_mae" and run.data.params["memmc.memory_slots"] == "4"
-    assert run.data.params["scoring.smooth_sigma"] == "4.0" and run.data.params["scoring.score_margin"] == "8"  # min(patch)
+    # the scoring settings; the margin defaults to one patch (8 px here)
+    assert run.data.params["scoring.smooth_sigma"] == "4.0" and run.data.params["scoring.score_margin"] == "8"
     overlays = [a.path for a in client.list_artifacts(summary["run_id"], "anomaly_maps")]
     assert overlays == ["anomaly_maps/anomaly_000.png", "anomaly_maps/anomaly_001.png"]
     assert {a.path for a in client.list_artifacts(summary["run_id"], "evaluation")} == {"evaluation/metrics.csv"}
