@@ -143,21 +143,16 @@ _ATTENTION_BLOCK_ELEMENTS = 640 * 1024
 # Below this many tokens the per-head products are too small to beat the fused kernel (measured: 2304 tokens 13 %
 # faster, 576 even, 216 a third slower).
 _ONEDNN_ATTENTION_MIN_TOKENS = 1024
-# The backward reuses the forward's probabilities while all of a call's (batch x heads x N x N float32) fit in this
-# many bytes, and recomputes them block by block above it (CineMA's SAX decoder, 2 x 3 x 2304^2: 127 MB per layer,
-# about 8 % of a training step saved; MONAI's attention always keeps the whole matrix).
-_ATTENTION_KEEP_PROBS_BYTES = 256 * 2**20
 
 
 class _OneDNNAttentionFunction(torch.autograd.Function):
     """Softmax attention from a fused ``qkv`` tensor with oneDNN products, one block of queries at a time.
 
-    The forward keeps each query row's log-sum-exp; above :data:`_ATTENTION_KEEP_PROBS_BYTES` the backward
-    recomputes a block's probabilities from it instead of storing them, as FlashAttention does (Dao et al., 2022,
-    https://arxiv.org/abs/2205.14135), so memory stays linear in the number of tokens; below it the forward's
-    probability blocks are kept for the backward. Every product operand is a contiguous matrix or its transpose, and
-    the wide ones are contiguous: oneDNN copies a transposed left operand, which for the ``[N, block]`` probabilities
-    cost more than the product, so the backward accumulates ``dK^T`` and ``dV^T`` (``[Dh, N]``), not ``dK``, ``dV``.
+    The forward keeps each query row's log-sum-exp; the backward recomputes a block's probabilities from it instead
+    of storing them, as FlashAttention does (Dao et al., 2022, https://arxiv.org/abs/2205.14135), so memory stays
+    linear in the number of tokens. Every product operand is a contiguous matrix or its transpose, and the wide
+    ones are contiguous: oneDNN copies a transposed input, which for the ``[N, block]`` probabilities cost more than
+    the product, so the backward accumulates ``dK^T`` and ``dV^T`` (``[Dh, N]``) rather than ``dK`` and ``dV``.
     """
 
     @staticmethod
@@ -170,8 +165,6 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
         v_t = v.transpose(-1, -2).contiguous()  # [B, H, Dh, N]: the probabilities' right operand
         out = qkv.new_empty(batch, length, heads, head_dim)  # token layout: reshapes to [B, N, D] for free
         logsumexp = qkv.new_empty(batch, heads, length, 1)
-        keep = ctx.needs_input_grad[0] and batch * heads * length * length * 4 <= _ATTENTION_KEEP_PROBS_BYTES
-        kept = []  # with keep: each block's probabilities as computed (an intermediate: held by ctx, never copied)
         for b in range(batch):
             for h in range(heads):
                 for start in range(0, length, block):
@@ -180,17 +173,14 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
                     logsumexp[b, h, rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
                     probs = scores.sub_(logsumexp[b, h, rows]).exp_()
                     out[b, rows, h] = onednn_matmul(probs, v_t[b, h])
-                    if keep:
-                        kept.append(probs)
         ctx.save_for_backward(q, k, v, out, logsumexp)
-        ctx.block, ctx.kept = block, kept
+        ctx.block = block
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> Tensor:  # noqa: D102
         q, k, v, out, logsumexp = ctx.saved_tensors  # q is scaled by head_dim ** -0.5
-        kept, ctx.kept = iter(ctx.kept or ()), None  # the forward's probability blocks in loop order (used once)
         batch, heads, length, head_dim = q.shape
         scale = head_dim**-0.5
         grad_heads = grad_out.permute(0, 2, 1, 3).contiguous()  # [B, H, N, Dh]
@@ -205,9 +195,7 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
                 for start in range(0, length, ctx.block):
                     rows = slice(start, start + ctx.block)
                     q_rows, grad_rows = q[b, h, rows], grad_heads[b, h, rows]
-                    probs = next(kept, None)
-                    if probs is None:
-                        probs = onednn_matmul(q_rows, k[b, h]).sub_(logsumexp[b, h, rows]).exp_()
+                    probs = onednn_matmul(q_rows, k[b, h]).sub_(logsumexp[b, h, rows]).exp_()
                     grad_v_t += onednn_matmul(grad_rows.t(), probs.t())
                     # dS of the unscaled scores; the scale goes on the narrow products instead (dK: q is scaled)
                     grad_scores = onednn_matmul(grad_rows, v[b, h]).sub_(delta[b, h, rows]).mul_(probs)

@@ -57,10 +57,8 @@ def test_onednn_linear_falls_back_where_onednn_does_not_apply():
         OneDNNLinear.enabled = enabled
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 2**20], ids=["recompute-probabilities", "keep-probabilities"])
-def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch, keep_bytes):
+def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(vit, "_ATTENTION_KEEP_PROBS_BYTES", keep_bytes)  # 2 x 3 x 37^2 floats = 33 kB
     attn = SelfAttention(dim=12, num_heads=3)
     x = torch.randn(2, 37, 12, requires_grad=True)
     grad = torch.randn(2, 37, 12)
@@ -69,9 +67,7 @@ def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch, keep_bytes):
     monkeypatch.setattr(vit, "_ONEDNN_ATTENTION_MIN_TOKENS", 37)
     out = attn(x)
     assert "_OneDNNAttentionFunctionBackward" in graph_nodes(out)
-    ours = torch.autograd.grad(out, [x, *attn.parameters()], grad, retain_graph=True)
-    # a second backward through the retained graph recomputes what the first one used up
-    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], ours[0])
+    ours = torch.autograd.grad(out, [x, *attn.parameters()], grad)
     monkeypatch.setattr(OneDNNLinear, "enabled", False)
     reference = attn(x)
     assert "_OneDNNAttentionFunctionBackward" not in graph_nodes(reference)
