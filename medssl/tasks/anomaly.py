@@ -210,8 +210,11 @@ class AnomalyMapNetwork(nn.Module):
         if self.smooth_sigma < 0 or radius >= min(self.image_size):
             raise ValueError(f"smooth_sigma must be >= 0 with a kernel radius (4 sigma = {radius} px) below the image "
                              f"size {list(self.image_size)}, got {smooth_sigma}.")
-        kernel = gaussian_1d(torch.tensor(max(self.smooth_sigma, 1e-3)), truncated=_TRUNCATE, approx="sampled")
-        self.register_buffer("smoothing", kernel / kernel.sum(), persistent=False)
+        kernel = None
+        if self.smooth_sigma > 0:
+            kernel = gaussian_1d(torch.tensor(self.smooth_sigma), truncated=_TRUNCATE, approx="sampled")
+            kernel = kernel / kernel.sum()
+        self.register_buffer("smoothing", kernel, persistent=False)
 
     def set_reference(self, reference: Mapping[str, Tensor]) -> AnomalyMapNetwork:
         """Standardise the maps by a normal-error reference ``{"mean": [1, 1, H, W], "scale": [1, 1, H, W]}``.
@@ -241,7 +244,7 @@ class AnomalyMapNetwork(nn.Module):
         """Args: image ``[B, C, *image_size]``. Returns: the anomaly map ``[B, 1, *image_size]``."""
         errors = reconstruction_error_maps(self.model, image, self.num_masks, orders=self.orders)
         maps = (errors - self.error_mean) / self.error_scale
-        if self.smooth_sigma > 0:
+        if self.smoothing is not None:
             kernel = self.smoothing.to(maps.dtype)
             maps = separable_filtering(maps, [kernel] * len(self.image_size), mode="reflect")
         return maps
