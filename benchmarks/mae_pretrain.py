@@ -8,7 +8,7 @@ width, decoder, patch size and mask ratio for every model. Peers, measured in th
   ``MaskedAutoEncoderViT`` has no constructor argument for it in MONAI 1.6);
 - 2048 x 2048 float32 matrix products, the peak for model-FLOP utilisation (MFU): FLOPs of medssl's step counted
   by ``torch.utils.flop_counter.FlopCounterMode`` / step time / matmul FLOP rate. ``torch.mm`` goes to MKL, which
-  runs AVX2 code on AMD CPUs, so the oneDNN product (AVX-512, what medssl's linear layers use) is timed too: ``mfu``
+  runs AVX2 code on AMD CPUs, so the oneDNN product (AVX-512, what medssl's linear layers use there) is timed too: ``mfu``
   is against the faster of the two (the machine's real peak), ``mfu_vs_torch_mm`` against ``torch.mm``.
 
 Two scales: CineMA's SAX (192x192x16, 16x16x1 patches = 2304 tokens; ViT 384 x 12 with 6 heads, decoder 192 x 4,
@@ -172,11 +172,12 @@ def time_interleaved(
 
 def matmul_runners(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """2048^3 matrix products through every float32 path PyTorch has on this device: ``torch.mm`` (the BLAS; oneDNN
-    for bf16) and, on CPU in float32, oneDNN (which medssl's linear layers use), so the peak is the machine's best."""
+    for bf16) and, on CPU in float32, oneDNN (which medssl's linear layers use where MKL lacks AVX-512), so the peak
+    is the machine's best."""
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     b = torch.randn(2048, 2048, device=device, dtype=dtype)
     runners: dict[str, Callable[[], object]] = {"mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and dtype == torch.float32 and OneDNNLinear.enabled:
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         runners["onednn"] = lambda: onednn_matmul(a, b)
     return runners
 

@@ -6,8 +6,9 @@ with stochastic depth (drop path; Huang et al., 2016, https://arxiv.org/abs/1603
 
 MONAI's ``TransformerBlock`` has no drop path and reaches scaled-dot-product attention only through an einops
 rearrange; these blocks keep the same parameter layout (fused ``qkv`` ordered ``(3, heads, head_dim)``) with a
-zero-copy path into ``torch.nn.functional.scaled_dot_product_attention``. On CPU in float32 their matrix products
-run through oneDNN rather than the BLAS (:class:`OneDNNLinear`): about twice as fast on the AMD EPYC measured.
+zero-copy path into ``torch.nn.functional.scaled_dot_product_attention``. On x86 CPUs where PyTorch's BLAS (MKL)
+falls back to AVX2, their float32 matrix products run through oneDNN instead (:class:`OneDNNLinear`): about twice
+as fast on the AMD EPYC measured.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from medssl.nets.pos_embed import sincos_pos_embed
 from medssl.nets.tokens import gather_tokens, patchify
 
 __all__ = [
+    "cpu_vendor",
+    "onednn_beats_blas",
     "onednn_matmul",
     "OneDNNLinear",
     "SelfAttention",
@@ -98,16 +101,41 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU products (forward and backward) run through oneDNN instead of the BLAS.
+def onednn_beats_blas() -> bool:
+    """Whether oneDNN's float32 products outrun PyTorch's BLAS on this CPU: MKL on an x86 CPU with AVX-512 whose
+    vendor is not Intel.
 
-    PyTorch sends float32 CPU matrix products to MKL, which runs its AVX2 code on non-Intel x86 CPUs; oneDNN picks
-    AVX-512 wherever the CPU has it (2x the MKL rate for a 2048^2 product on the AMD EPYC this was tuned on). The
-    operator is the one behind ``torch.compile``'s CPU linear fusions. Anything else (other devices or dtypes,
-    autocast, which already uses oneDNN for bf16, tracing by ``torch.compile`` or ``torch.jit.trace``, so
-    exported graphs stay portable to other devices) takes plain ``F.linear``; set
+    MKL dispatches its AVX-512 kernels on Intel CPUs only and runs AVX2 code elsewhere; oneDNN picks AVX-512 wherever
+    the CPU has it. Measured: on an AMD EPYC with AVX-512 oneDNN ran a 2048^2 product at twice MKL's rate; on an Intel
+    Xeon (Sapphire Rapids) MKL was 1.09x oneDNN on it and 1.25x on the MAE's linear layers, and PyTorch's fused
+    attention (MKL products) 1.6x the blockwise oneDNN attention below.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if not torch.backends.mkl.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return cpu_vendor() not in ("", "GenuineIntel")
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The x86 CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from ``cpuinfo``; empty where unknown."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as lines:
+            return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose float32 CPU products (forward and backward) run through oneDNN where it beats the BLAS.
+
+    PyTorch sends float32 CPU matrix products to MKL, which runs its AVX2 code on non-Intel x86 CPUs; there oneDNN's
+    AVX-512 products are about twice as fast (see :func:`onednn_beats_blas`, which sets the default of
+    ``OneDNNLinear.enabled``). The operator is the one behind ``torch.compile``'s CPU linear fusions. Anything else
+    (other devices or dtypes, autocast, which already uses oneDNN for bf16, tracing by ``torch.compile`` or
+    ``torch.jit.trace``, so exported graphs stay portable to other devices) takes plain ``F.linear``; set
     ``OneDNNLinear.enabled = False`` to always do so, e.g. for double backward, which the oneDNN path does not
-    support. Parameters, initialisation and state dict are nn.Linear's.
+    support, or ``True`` to use oneDNN on any CPU. Parameters, initialisation and state dict are nn.Linear's.
 
     Args:
         in_features: input width.
@@ -115,7 +143,7 @@ class OneDNNLinear(nn.Linear):
         bias: learn an additive bias.
     """
 
-    enabled: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    enabled: bool = onednn_beats_blas()
 
     def forward(self, x: Tensor) -> Tensor:
         """Args: x ``[..., in_features]``. Returns: ``[..., out_features]``."""
@@ -209,9 +237,10 @@ class _OneDNNAttentionFunction(torch.autograd.Function):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection and PyTorch's fused attention kernels.
 
-    For long sequences on CPU in float32 (no dropout on the weights) the attention runs through oneDNN products a
-    block of queries at a time, like PyTorch's CPU flash kernel but on AVX-512 (that kernel's float32 products use
-    MKL's AVX2 code on AMD CPUs); everywhere else through ``F.scaled_dot_product_attention``.
+    For long sequences in float32 (no dropout on the weights) on CPUs where :class:`OneDNNLinear` is enabled, the
+    attention runs through oneDNN products a block of queries at a time, like PyTorch's CPU flash kernel but on
+    AVX-512 (that kernel's float32 products use MKL's AVX2 code on AMD CPUs); everywhere else through
+    ``F.scaled_dot_product_attention``.
 
     With ``memory_slots = M > 0`` the attention is memory-augmented (Cornia et al., 2020, "Meshed-Memory Transformer
     for Image Captioning", https://arxiv.org/abs/1912.08226; the encoder of MemMC-MAE, Tian et al., 2023,

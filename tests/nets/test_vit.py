@@ -24,7 +24,8 @@ def graph_nodes(tensor):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_f_linear_with_gradients(bias):
+def test_onednn_linear_matches_f_linear_with_gradients(bias, monkeypatch):
+    monkeypatch.setattr(OneDNNLinear, "enabled", True)  # whatever this CPU's default
     torch.manual_seed(0)
     layer = OneDNNLinear(6, 5, bias=bias)
     x = torch.randn(3, 8, 4, 6)[:, 1:].requires_grad_()  # non-contiguous, 4-D
@@ -43,21 +44,41 @@ def test_onednn_linear_matches_f_linear_with_gradients(bias):
     assert torch.autograd.grad(layer(frozen).sum(), layer.weight)[0].shape == (5, 6)
 
 
-def test_onednn_linear_falls_back_where_onednn_does_not_apply():
+def test_onednn_linear_falls_back_where_onednn_does_not_apply(monkeypatch):
+    monkeypatch.setattr(OneDNNLinear, "enabled", True)
     layer = OneDNNLinear(6, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(2, 6)).dtype == torch.bfloat16
     double = OneDNNLinear(6, 5).double()
     x = torch.randn(2, 6, dtype=torch.float64)
     assert type(double(x).grad_fn).__name__ == "AddmmBackward0"
-    OneDNNLinear.enabled, enabled = False, OneDNNLinear.enabled
-    try:
-        assert type(layer(torch.randn(2, 6)).grad_fn).__name__ == "AddmmBackward0"
-    finally:
-        OneDNNLinear.enabled = enabled
+    monkeypatch.setattr(OneDNNLinear, "enabled", False)
+    assert type(layer(torch.randn(2, 6)).grad_fn).__name__ == "AddmmBackward0"
+
+
+@pytest.mark.parametrize(
+    "vendor,capability,expected",
+    [("AuthenticAMD", "AVX512", True), ("GenuineIntel", "AVX512", False), ("AuthenticAMD", "AVX2", False),
+     ("", "AVX512", False)],
+)
+def test_onednn_is_the_default_only_where_mkl_runs_below_the_cpus_avx512(vendor, capability, expected, monkeypatch):
+    monkeypatch.setattr(vit, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    assert vit.onednn_beats_blas() is expected
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert vit.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # e.g. an Arm CPU: no vendor_id line
+    assert vit.cpu_vendor(str(cpuinfo)) == ""
+    assert vit.cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 def test_onednn_attention_matches_sdpa_with_gradients(monkeypatch):
+    monkeypatch.setattr(OneDNNLinear, "enabled", True)
     torch.manual_seed(0)
     attn = SelfAttention(dim=12, num_heads=3)
     x = torch.randn(2, 37, 12, requires_grad=True)
