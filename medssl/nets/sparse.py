@@ -206,7 +206,7 @@ class SparseBatchNorm(nn.BatchNorm1d):
         track_running_stats: bool = True,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **_bias_option(bias))
         self.sparse_mask = mask
 
     @classmethod
@@ -250,7 +250,7 @@ class SparseInstanceNorm(nn.InstanceNorm1d):
     """
 
     def __init__(self, num_features: int, mask: SparseMask, eps: float = 1e-5, affine: bool = False, bias: bool = True):
-        super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False, bias=bias)
+        super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False, **_bias_option(bias))
         self.sparse_mask = mask
 
     @classmethod
@@ -319,6 +319,13 @@ class SparseLayerNorm(nn.LayerNorm):
         if self.bias is not None:
             out = out + self.bias
         return self.sparse_mask.zero_hidden(out)
+
+
+def _bias_option(bias: bool) -> dict[str, bool]:
+    """``bias=False`` for a Batch/InstanceNorm constructor, or nothing: older PyTorch (2.11, for one) has no such
+    argument (its norms always have a bias when affine), so a norm without one only exists, and only needs saying,
+    on newer ones."""
+    return {} if bias else {"bias": False}
 
 
 def _adopt(dense: nn.Module, sparse: nn.Module) -> nn.Module:

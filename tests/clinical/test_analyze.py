@@ -97,8 +97,9 @@ def test_one_series_study_gives_every_output_and_the_ef_of_the_nifti_path(
 
     # The same model on the phantom's NIfTI. The assembled image equals the NIfTI array exactly; the affines differ
     # by float32 rounding (NIfTI stores float32, DICOM decimal strings), ~1e-5 mm, which moves the resampling weights
-    # enough to flip a few boundary voxels of this tiny 4 mm model. So: LVEF within 0.5 points, RVEF (a small, ragged
-    # RV) within 2 points, volumes within 2 % through the command (measured: LVEF 0.04, RVEF 0.3-0.6 points, LVEDV
+    # enough to flip a few boundary voxels of this tiny 4 mm model. So: LVEF within 1 point, RVEF (a small, ragged
+    # RV) within 2 points, volumes within 2 % through the command (measured: LVEF 0.04 points on an AMD EPYC, 0.64
+    # on an Intel Xeon, whose matrix kernels train a slightly different tiny model; RVEF 0.3-0.6 points, LVEDV
     # 0.5 %), and identical labels once the DICOM affine is rounded as NIfTI stores it.
     predictor = load_segmentation_predictor(bundle)
     image = np.asarray(reference.dataobj, dtype=np.float32)
@@ -109,7 +110,7 @@ def test_one_series_study_gives_every_output_and_the_ef_of_the_nifti_path(
         if nifti[key] is None:
             assert measured[key] is None
         else:
-            tolerance = {"abs": 2.0 if key == "rv_ef_pct" else 0.5} if key.endswith("_pct") else {"rel": 2e-2}
+            tolerance = {"abs": 2.0 if key == "rv_ef_pct" else 1.0} if key.endswith("_pct") else {"rel": 2e-2}
             assert measured[key] == pytest.approx(nifti[key], **tolerance), key
     (scanned,), _ = scan_dicom_folder(study.root, progress=False)
     np.testing.assert_array_equal(scanned.sax.image, image)

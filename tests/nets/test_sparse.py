@@ -132,6 +132,26 @@ def test_sparse_norm_without_a_mask_is_the_dense_norm_with_the_same_state(kind, 
         torch.testing.assert_close(sparse.get_buffer(name), buffer)
 
 
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+def test_sparse_norms_build_where_pytorch_norms_take_no_bias_argument(kind, monkeypatch):
+    # PyTorch 2.11 (seen on a GPU machine) has no ``bias`` argument on BatchNorm / InstanceNorm: a norm with a bias
+    # must convert there, keeping the dense parameters.
+    dense, _, _, features = norm_case(kind, 2)
+    base = {"batch": nn.modules.batchnorm._BatchNorm, "instance": nn.modules.instancenorm._InstanceNorm}[kind]
+    original = base.__init__
+
+    def without_bias_argument(self, *args, **kwargs):
+        if "bias" in kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'bias'")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(base, "__init__", without_bias_argument)
+    sparse_class = {"batch": SparseBatchNorm, "instance": SparseInstanceNorm}[kind]
+    sparse = sparse_class.from_dense(dense, SparseMask())
+    assert sparse.bias is dense.bias and sparse.weight is dense.weight
+    torch.testing.assert_close(sparse(features), dense(features))
+
+
 def stage_outputs_of_plain_forward(network, stages, images):
     """Reference features: hooks on the last module of every stage during the network's own forward()."""
     captured = []
