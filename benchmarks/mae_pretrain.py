@@ -1,15 +1,16 @@
 """MAE pre-training step throughput: medssl's ``MaskedAutoencoder`` against MONAI's ``MaskedAutoEncoderViT``.
 
-One training step is forward + masked-MSE loss + backward + AdamW step, with the same width, depth, heads, MLP
-width, decoder, patch size and mask ratio for every model. Peers, measured in the same run with interleaved rounds:
+One training step is forward + masked-MSE loss + backward + AdamW step (fused, as medssl's bundles run it, for
+every model), with the same width, depth, heads, MLP width, decoder, patch size and mask ratio for every model.
+Peers, measured in the same run with interleaved rounds:
 
 - MONAI as shipped (einsum attention that materialises the attention matrix);
 - MONAI with PyTorch's fused attention switched on (``use_flash_attention`` set on every ``SABlock``;
   ``MaskedAutoEncoderViT`` has no constructor argument for it in MONAI 1.6);
 - 2048 x 2048 float32 matrix products, the peak for model-FLOP utilisation (MFU): FLOPs of medssl's step counted
   by ``torch.utils.flop_counter.FlopCounterMode`` / step time / matmul FLOP rate. ``torch.mm`` goes to MKL, which
-  runs AVX2 code on AMD CPUs, so the oneDNN product (AVX-512, what medssl's linear layers use there) is timed too: ``mfu``
-  is against the faster of the two (the machine's real peak), ``mfu_vs_torch_mm`` against ``torch.mm``.
+  runs AVX2 code on AMD CPUs, so the oneDNN product (AVX-512, what medssl's linear layers use there) is timed too:
+  ``mfu`` is against the faster of the two (the machine's real peak), ``mfu_vs_torch_mm`` against ``torch.mm``.
 
 Two scales: CineMA's SAX (192x192x16, 16x16x1 patches = 2304 tokens; ViT 384 x 12 with 6 heads, decoder 192 x 4,
 mask 0.75) and a small 3D volume (96^3, 16^3 patches = 216 tokens, same model). Then medssl under bf16 autocast and
@@ -129,7 +130,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, images: torch.Tensor, bf16: bool) -> None:
         self.model, self.loss_fn, self.images, self.bf16 = model, loss_fn, images, bf16
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True
+        )
 
     def step(self) -> float:
         with autocast(self.images.device, self.bf16):

@@ -6,7 +6,7 @@ convolution on dense tensors (every conv / pool output is re-masked, norms take 
 SparK step costs the full dense encoder plus the masking work plus the decoder; this benchmark measures how much.
 
 Each configuration times, in the same run with interleaved rounds, one training step (forward + loss + backward +
-AdamW step) of:
+fused AdamW step, as the bundle runs it) of:
 
 - ``spark``: :class:`medssl.methods.spark.SparK` on the MONAI ResNet (mask ratio 0.6 on the stride-32 grid,
   densifying step and light UNet decoder, L2 to per-patch normalised pixels on hidden patches);
@@ -101,7 +101,7 @@ class Step:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> None:
         self.model, self.loss_fn = model.train(), loss_fn
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
     def run(self, count_flops: bool = False) -> int:
         """One training step; returns the FLOPs of its forward + backward counted by ``FlopCounterMode`` when
